@@ -1,0 +1,1 @@
+"""The synchronous engine: portrait preparation, media I/O and rendering. No asyncio, devices or network."""

@@ -1,0 +1,168 @@
+"""The loaded models on one device, and the three steps every driver shares.
+
+portrait image -> ``encode_portrait`` (stage-1 encoder, once) -> ``PortraitCode``
+audio          -> ``Models.features``  (HuBERT or MFCC front end)
+               -> ``generate_motion``  (stage-2 DDIM over the motion codes)
+codes          -> ``render``           (stage-1 renderer, batched, encoder features cached)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.checkpoints import load_stage1, load_stage2
+from models.errors import AnitalkerError
+from models.frontend import HubertFrontend, hubert_model_input, load_hubert, mfcc_features, mfcc_model_input
+from models.sampler import ddim_sample, ddim_schedule
+from models.stage1 import Stage1
+from models.stage2 import Stage2
+
+from .download import DEFAULT_INFER_TYPE, locate
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AnitalkerError("--device cuda was asked for but this torch build sees no CUDA GPU; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise AnitalkerError(f"unknown device {name!r}; use auto, cpu or cuda") from None
+
+
+@dataclass
+class Controls:
+    """Stage-2 controls, normalised as the model was trained. None = predicted from speech.
+
+    pose: (3,) or (F,3) yaw, pitch, roll in [-1, 1] (degrees / 90); location, scale: in [0, 1].
+    """
+    pose: np.ndarray | None = None
+    location: float | None = None
+    scale: float | None = None
+
+    def tensors(self, frames: int, device) -> dict:
+        def per_frame(v, dim):
+            if v is None:
+                return None
+            a = np.asarray(v, dtype=np.float32).reshape(-1, dim)
+            if len(a) < frames:  # a pose file shorter than the audio holds its last row
+                a = np.concatenate([a, np.repeat(a[-1:], frames - len(a), 0)])
+            return torch.from_numpy(a[:frames].copy()).unsqueeze(0).to(device)
+        return dict(pose=per_frame(self.pose, 3), location=per_frame(self.location, 1),
+                    scale=per_frame(self.scale, 1))
+
+
+@dataclass
+class PortraitCode:
+    """What the stage-1 encoder gives for one portrait; cached for every frame."""
+    wa: torch.Tensor            # (1, S) appearance latent
+    alpha0: torch.Tensor        # (1, M) the portrait's own motion code
+    feats: list                 # 6 skip maps, batch 1
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How the models run. The default is exact fp32 (what the parity tests guard); the rest trade
+    a measured error (README, bench/offline.py) for speed."""
+    precision: str = "fp32"       # "fp32" | "bf16" (autocast)
+    channels_last: bool = False   # NHWC convolutions in the renderer
+    compile: bool = False         # torch.compile the renderer (a one-off warm-up of tens of seconds)
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise AnitalkerError(f"unknown precision {self.precision!r}; use fp32 or bf16")
+
+
+@dataclass
+class Models:
+    stage1: Stage1
+    stage2: Stage2
+    hubert: HubertFrontend | None
+    device: torch.device
+    speed: Speed = Speed()
+
+    def __post_init__(self):
+        self._render = self.stage1.render
+        if self.speed.channels_last:
+            self.stage1.to(memory_format=torch.channels_last)
+        if self.speed.compile:
+            self._render = torch.compile(self.stage1.render, dynamic=False)
+
+    @property
+    def infer_type(self) -> str:
+        return self.stage2.dims.infer_type
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.speed.precision == "bf16")
+
+    @torch.inference_mode()
+    def features(self, wave: np.ndarray) -> tuple[torch.Tensor, int]:
+        """Whole-utterance audio features as the model takes them, and the frame count F."""
+        if self.stage2.dims.audio == "hubert":
+            with self.autocast():
+                states = self.hubert.states(wave)
+            audio, frames = hubert_model_input(states)
+        else:
+            audio, frames = mfcc_model_input(mfcc_features(wave))
+        return audio.to(self.device), frames
+
+
+def load_models(checkpoints: str | Path | None = None, infer_type: str = DEFAULT_INFER_TYPE,
+                device: str = "auto", speed: Speed = Speed()) -> Models:
+    """Load stage 1, the stage-2 file for ``infer_type`` and (for hubert types) HuBERT."""
+    dev = pick_device(device)
+    stage1_path, stage2_path, hubert_dir = locate(checkpoints, infer_type)
+    stage2 = load_stage2(stage2_path, dev)
+    if stage2.dims.infer_type != infer_type:
+        raise AnitalkerError(f"{stage2_path} holds a {stage2.dims.infer_type} model, not {infer_type}; "
+                             f"pass --infer-type {stage2.dims.infer_type} or replace the file")
+    hubert = load_hubert(hubert_dir, dev) if hubert_dir is not None else None
+    return Models(load_stage1(stage1_path, dev), stage2, hubert, dev, speed)
+
+
+@torch.inference_mode()
+def encode_portrait(models: Models, image: torch.Tensor) -> PortraitCode:
+    """image: (1,3,256,256) in [-1,1]."""
+    wa, alpha0, feats = models.stage1.encode(image.to(models.device))
+    if models.speed.channels_last:
+        feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+    return PortraitCode(wa, alpha0, feats)
+
+
+def check_controls(models: Models, controls: Controls) -> None:
+    kind = models.stage2.dims.control
+    if controls.pose is not None and kind == "audio_only":
+        raise AnitalkerError(f"the {models.infer_type} model has no pose control; use a pose_only or "
+                             "full_control model (--infer-type hubert_pose_only)")
+    if (controls.location is not None or controls.scale is not None) and kind != "full_control":
+        raise AnitalkerError(f"the {models.infer_type} model has no face location/scale control; use a "
+                             "full_control model (--infer-type hubert_full_control)")
+
+
+@torch.inference_mode()
+def generate_motion(models: Models, code: PortraitCode, audio: torch.Tensor, frames: int,
+                    controls: Controls = Controls(), steps: int = 50, seed: int = 0,
+                    on_step=None) -> torch.Tensor:
+    """DDIM over the whole utterance, as the official code does: (1, F, M) motion codes in [-1, 1].
+
+    The initial noise is drawn on the CPU from ``seed`` so a seed gives the same motion on every device.
+    """
+    check_controls(models, controls)
+    schedule = ddim_schedule(steps)
+    cond = models.stage2.condition(code.wa, code.alpha0, audio, **controls.tensors(frames, models.device))
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(1, frames, models.stage2.dims.motion_dim, generator=g).to(models.device)
+    return ddim_sample(lambda x, t: models.stage2.eps(cond, x, t), x_T, schedule, on_step=on_step)
+
+
+@torch.inference_mode()
+def render(models: Models, code: PortraitCode, alphas: torch.Tensor, batch: int = 1):
+    """Yield rendered frames (b, 3, 256, 256), pre-clamp, ``batch`` at a time. alphas: (F, M)."""
+    for i in range(0, len(alphas), batch):
+        with models.autocast():
+            out = models._render(code.wa, alphas[i:i + batch], code.feats)
+        yield out

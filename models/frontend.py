@@ -1,0 +1,285 @@
+"""Audio front ends of AniTalker: MFCC (python_speech_features conventions) and HuBERT.
+
+Both reproduce what the official demo feeds the stage-2 model:
+- MFCC: 13 MFCC + two first-order deltas at 100 Hz, cut to 4F rows -> (1, 4F, 39).
+- HuBERT: all L+1 hidden states with transformers-4.19 semantics, one edge-copied frame appended,
+  cut to 2F frames -> (1, L+1, 2F, H).
+F is the number of 25 fps video frames the audio drives.
+"""
+import json
+import logging
+import math
+import os
+import pickle
+
+import numpy as np
+import torch
+
+from .errors import AnitalkerError, CheckpointError
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+
+# --------------------------------------------------------------------------------------------
+# Waveform normalisation (Wav2Vec2FeatureExtractor, do_normalize=True)
+
+
+def normalize_wave(wave) -> np.ndarray:
+    """(N,) waveform -> (N,) float32 (x - mean) / sqrt(var + 1e-7) over the whole utterance.
+
+    Computed in float32 numpy, exactly as the feature extractor does.
+    """
+    x = np.asarray(wave, dtype=np.float32).reshape(-1)
+    return (x - x.mean()) / np.sqrt(x.var() + 1e-7)
+
+
+# --------------------------------------------------------------------------------------------
+# MFCC (python_speech_features 0.6 re-implemented in numpy; scipy is not a runtime dependency)
+
+
+def _mel_filterbank(nfilt: int, nfft: int, sample_rate: int) -> np.ndarray:
+    """(nfilt, nfft//2+1) triangular filters on floor-quantised FFT bins, 0 Hz .. Nyquist."""
+    top = 2595.0 * np.log10(1.0 + sample_rate / 2 / 700.0)
+    hz = 700.0 * (10.0 ** (np.linspace(0.0, top, nfilt + 2) / 2595.0) - 1.0)
+    bins = np.floor((nfft + 1) * hz / sample_rate)
+    fb = np.zeros((nfilt, nfft // 2 + 1))
+    for j in range(nfilt):
+        lo, mid, hi = bins[j], bins[j + 1], bins[j + 2]
+        up = np.arange(int(lo), int(mid))
+        down = np.arange(int(mid), int(hi))
+        fb[j, up] = (up - lo) / (mid - lo)
+        fb[j, down] = (hi - down) / (hi - mid)
+    return fb
+
+
+def _dct2_ortho(n_in: int, n_out: int) -> np.ndarray:
+    """(n_in, n_out) matrix M with x @ M == scipy.fft.dct(x, type=2, norm='ortho')[..., :n_out]."""
+    n = np.arange(n_in)[:, None]
+    k = np.arange(n_out)[None, :]
+    m = np.cos(np.pi * k * (2 * n + 1) / (2 * n_in)) * np.sqrt(2.0 / n_in)
+    m[:, 0] = np.sqrt(1.0 / n_in)
+    return m
+
+
+def _frames(signal: np.ndarray, frame_len: int, step: int) -> np.ndarray:
+    """(N,) -> (T, frame_len); the last frame is zero-padded, at least one frame."""
+    n = len(signal)
+    count = 1 if n <= frame_len else 1 + math.ceil((n - frame_len) / step)
+    padded = np.zeros((count - 1) * step + frame_len)   # float64, as the reference's concatenate
+    padded[:n] = signal
+    idx = np.arange(frame_len)[None, :] + step * np.arange(count)[:, None]
+    return padded[idx]
+
+
+def _delta(feat: np.ndarray, n: int) -> np.ndarray:
+    """(T, D) -> (T, D) regression delta over +-n frames with edge padding."""
+    padded = np.pad(feat, ((n, n), (0, 0)), mode="edge")
+    t = len(feat)
+    num = sum(i * (padded[n + i:n + i + t] - padded[n - i:n - i + t]) for i in range(1, n + 1))
+    return num / (2 * sum(i * i for i in range(1, n + 1)))
+
+
+def mfcc_features(wave, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """(N,) waveform -> (T100, 39) float64: mfcc(numcep=13) | delta(mfcc, 1) | delta(mfcc, 2).
+
+    python_speech_features defaults: 25 ms rectangular windows every 10 ms, nfft 512, 26 mel
+    filters, pre-emphasis 0.97, lifter 22, c0 replaced by log frame energy. The second delta
+    argument is the window N (the demo's quirk), so both are first-order deltas.
+    The wave is taken as float32 (what librosa.load gives the demo); pre-emphasis runs in
+    float32 and everything after framing in float64, as in the reference.
+    """
+    x = np.asarray(wave, dtype=np.float32).reshape(-1)
+    if x.size == 0:
+        raise AnitalkerError("the audio is empty: give at least a few milliseconds of sound")
+    x = np.append(x[0], x[1:] - np.float32(0.97) * x[:-1])
+    nfft, eps = 512, np.finfo(float).eps
+    frames = _frames(x, int(math.floor(0.025 * sample_rate + 0.5)),
+                     int(math.floor(0.01 * sample_rate + 0.5)))
+    power = np.abs(np.fft.rfft(frames, nfft)) ** 2 / nfft                  # (T, 257)
+    energy = power.sum(axis=1)
+    mel = power @ _mel_filterbank(26, nfft, sample_rate).T                 # (T, 26)
+    # zeros are replaced by eps before the log, as in the reference
+    ceps = np.log(np.where(mel == 0, eps, mel)) @ _dct2_ortho(26, 13)
+    ceps *= 1 + 11.0 * np.sin(np.pi * np.arange(13) / 22)                 # lifter L=22
+    ceps[:, 0] = np.log(np.where(energy == 0, eps, energy))
+    return np.hstack([ceps, _delta(ceps, 1), _delta(ceps, 2)])
+
+
+def mfcc_model_input(feats) -> tuple[torch.Tensor, int]:
+    """(T100, 39) features -> ((1, 4F, 39) float32, F) with F = T100 // 4."""
+    frames = len(feats) // 4
+    return torch.as_tensor(np.asarray(feats)[:4 * frames], dtype=torch.float32)[None], frames
+
+
+# --------------------------------------------------------------------------------------------
+# HuBERT
+
+
+class HubertFrontend:
+    """A transformers HubertModel plus the official pre/post-processing."""
+
+    def __init__(self, model, do_normalize: bool = True):
+        self.model = model.eval()
+        self.do_normalize = do_normalize
+        cfg = model.config
+        # shortest input the conv feature extractor accepts (400 samples for HuBERT)
+        self.min_samples = cfg.conv_kernel[0] + sum(
+            (k - 1) * math.prod(cfg.conv_stride[:i]) for i, k in enumerate(cfg.conv_kernel) if i)
+        self.num_states = cfg.num_hidden_layers + 1
+        self.hidden_size = cfg.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def states(self, wave: np.ndarray) -> torch.Tensor:
+        """(N,) 16 kHz waveform -> (L+1, T50+1, H) float32 on the model's device.
+
+        States 0..L-1 are the encoder's hidden states; state L is `last_hidden_state` (after the
+        final LayerNorm in the stable-layer-norm encoder), which is what transformers 4.19
+        returned as hidden_states[-1]; transformers 5.x returns the pre-LayerNorm output there.
+        """
+        x = np.asarray(wave, dtype=np.float32).reshape(-1)
+        if x.size < self.min_samples:
+            raise AnitalkerError(f"the audio is too short for HuBERT ({x.size} samples): "
+                                 f"give at least {self.min_samples / SAMPLE_RATE * 1000:.0f} ms")
+        if self.do_normalize:
+            x = normalize_wave(x)
+        out = self.model(torch.from_numpy(x)[None].to(self.device), output_hidden_states=True)
+        states = torch.stack(list(out.hidden_states[:-1]) + [out.last_hidden_state]).squeeze(1)
+        return torch.cat([states, states[:, -1:]], dim=1)   # demo: np.pad(..., 'edge') by one frame
+
+
+def hubert_model_input(states) -> tuple[torch.Tensor, int]:
+    """(L+1, T, H) states -> ((1, L+1, 2F, H) float32, F) with F = T // 2."""
+    states = torch.as_tensor(states, dtype=torch.float32)
+    frames = states.shape[1] // 2
+    return states[:, :2 * frames][None], frames
+
+
+# Positional-conv weight norm: transformers 4.19 (the official folder) vs newer parametrizations.
+_ALIASES = {".weight_g": ".parametrizations.weight.original0",
+            ".weight_v": ".parametrizations.weight.original1"}
+_ALIASES.update({v: k for k, v in _ALIASES.items()})
+
+
+def _key_candidates(key: str) -> list:
+    """The names a file key may have in the built model (prefix and weight-norm spelling)."""
+    bare = key.removeprefix("hubert.")
+    return [key, bare] + [bare[:-len(old)] + new for old, new in _ALIASES.items()
+                          if bare.endswith(old)]
+
+
+def _remap(file_sd: dict, model_keys) -> tuple[dict, list]:
+    """Rename file keys to the model's names -> (state dict, unexpected file keys)."""
+    model_keys, out, unexpected = set(model_keys), {}, []
+    for key, value in file_sd.items():
+        name = next((k for k in _key_candidates(key) if k in model_keys), None)
+        if name is None:
+            unexpected.append(key)
+        else:
+            out[name] = value.float() if value.is_floating_point() else value
+    return out, unexpected
+
+
+def _read_weights(folder: str) -> dict:
+    """The state dict of folder/pytorch_model.bin (weights-only unpickling) or model.safetensors."""
+    bin_path = os.path.join(folder, "pytorch_model.bin")
+    st_path = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(st_path):
+        from safetensors.torch import load_file
+        try:
+            return load_file(st_path)
+        except Exception as e:
+            raise CheckpointError(f"cannot read {st_path}: {e}") from e
+    if not os.path.isfile(bin_path):
+        raise CheckpointError(f"no HuBERT weights in {folder}: expected pytorch_model.bin or "
+                              "model.safetensors (download chinese-hubert-large into that folder)")
+    try:
+        sd = torch.load(bin_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refused to load {bin_path}: it needs more than plain tensors to "
+                              "unpickle (unsafe). Use the official file or convert it to "
+                              "model.safetensors") from e
+    except Exception as e:
+        raise CheckpointError(f"cannot read {bin_path}: {e}") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{bin_path} is not a flat state dict of tensors")
+    return sd
+
+
+def _read_json(path: str, default=None) -> dict:
+    if not os.path.isfile(path):
+        if default is None:
+            raise CheckpointError(f"missing {path}: a HuBERT folder needs its config.json")
+        return default
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
+def load_hubert(folder, device="cpu") -> HubertFrontend:
+    """A local HuBERT folder (config.json, optional preprocessor_config.json, weights) -> frontend.
+
+    The model is built offline from config.json on the meta device, so every tensor must come
+    from the file: anything left unloaded raises CheckpointError instead of running random.
+    """
+    from transformers import HubertConfig, HubertModel
+
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"HuBERT folder not found: {folder}")
+    cfg = _read_json(os.path.join(folder, "config.json"))
+    if cfg.get("model_type", "hubert") != "hubert":
+        raise CheckpointError(f"{folder}/config.json is a {cfg['model_type']!r} model, not HuBERT")
+    prep = _read_json(os.path.join(folder, "preprocessor_config.json"), default={})
+    if prep.get("sampling_rate", SAMPLE_RATE) != SAMPLE_RATE:
+        raise CheckpointError(f"{folder} expects {prep['sampling_rate']} Hz audio; only 16 kHz "
+                              "HuBERT models are supported")
+    with torch.device("meta"):
+        model = HubertModel(HubertConfig(**cfg))
+    sd, unexpected = _remap(_read_weights(folder), model.state_dict().keys())
+    try:
+        model.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"the weights in {folder} do not fit its config.json: {e}") from e
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+               if t.is_meta]
+    if missing:
+        raise CheckpointError(f"HuBERT weights in {folder} lack {len(missing)} tensors "
+                              f"(first: {', '.join(missing[:5])}); the file does not match "
+                              "config.json")
+    if unexpected:
+        log.warning("ignored %d unexpected keys in %s (first: %s)", len(unexpected), folder,
+                    ", ".join(unexpected[:5]))
+    frontend = HubertFrontend(model.to(device), do_normalize=prep.get("do_normalize", True))
+    frontend.unexpected_keys = unexpected
+    return frontend
+
+
+def write_hubert_folder(folder, state_dict: dict, config_kwargs: dict, do_normalize: bool = True,
+                        safetensors: bool = False) -> None:
+    """Write a chinese-hubert-large style folder (tests, training fixtures).
+
+    config.json = HubertConfig(**config_kwargs); weights as pytorch_model.bin (torch.save) or
+    model.safetensors; preprocessor_config.json as Wav2Vec2FeatureExtractor writes it.
+    """
+    from transformers import HubertConfig
+
+    os.makedirs(folder, exist_ok=True)
+    HubertConfig(**config_kwargs).to_json_file(os.path.join(folder, "config.json"))
+    if safetensors:
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in state_dict.items()},
+                  os.path.join(folder, "model.safetensors"))
+    else:
+        torch.save(state_dict, os.path.join(folder, "pytorch_model.bin"))
+    prep = {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1,
+            "sampling_rate": SAMPLE_RATE, "padding_value": 0.0, "padding_side": "right",
+            "do_normalize": do_normalize, "return_attention_mask": True}
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump(prep, f, indent=2)

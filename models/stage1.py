@@ -1,0 +1,506 @@
+"""Stage 1 of AniTalker: the LIA-style motion encoder and the flow-warping StyleGAN2 renderer.
+
+The module tree, parameter names and shapes match the official ``LIA_Model`` exactly, so an
+official ``stage1.ckpt`` loads with ``load_state_dict(strict=True)`` (after stripping ``lia.``).
+The numerics follow the official code (rosinality's StyleGAN2 blocks); where we compute
+something differently for speed, the comment says why it is equivalent:
+
+* modulated convs scale the *input* by the style and the *output* by the demodulation instead
+  of building per-sample weights, so a batch of B frames is one ordinary conv;
+* Q (the LMD basis), the demodulation weight norms and the identity grids are computed once
+  and reused while the weights are unchanged (eval mode only).
+
+Shapes: images (B, 3, H, W) in [-1, 1]; S = style_dim, M = motion_dim.
+"""
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SQRT2 = math.sqrt(2.0)
+_BASE_CHANNELS = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128, 256: 64, 512: 32, 1024: 16}
+
+
+@dataclass(frozen=True)
+class Stage1Dims:
+    size: int = 256
+    style_dim: int = 512          # must equal the channel count at 32x32 and below
+    motion_dim: int = 20
+    channel_multiplier: int = 1   # decoder only, as in the official Synthesis
+    channel_divisor: int = 1      # tiny test models: every channel count of the table divided by this
+
+    @property
+    def log_size(self) -> int:
+        return int(math.log2(self.size))
+
+    def enc_channels(self, res: int) -> int:
+        return _BASE_CHANNELS[res] // self.channel_divisor
+
+    def dec_channels(self, res: int) -> int:
+        mult = self.channel_multiplier if res >= 64 else 1
+        return _BASE_CHANNELS[res] * mult // self.channel_divisor
+
+
+# ----------------------------------------------------------------------------------------------
+# eval-time memo of tensors derived from parameters
+
+
+def _version(t: Tensor) -> int:
+    return -1 if t.is_inference() else t._version  # inference tensors have no version counter
+
+
+def _memo(owner: nn.Module, name: str, src: Tensor, fn):
+    """fn(src), cached on ``owner`` while ``src`` keeps its storage and version (so
+    load_state_dict, optimizer steps and in-place edits invalidate it). In training mode it is
+    recomputed on every call so that gradients flow through ``fn``."""
+    if owner.training or torch.compiler.is_compiling():
+        return fn(src)
+    key = (src.data_ptr(), _version(src), src.dtype, src.device)
+    hit = owner.__dict__.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    # A normal (non-inference) tensor, so the cache stays usable outside inference_mode too.
+    with torch.inference_mode(False), torch.no_grad():
+        val = fn(src)
+    owner.__dict__[name] = (key, val)
+    return val
+
+
+def _make_grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(1, H, W, 2) sampling grid of the identity warp, [..., 0] = x, [..., 1] = y.
+    float64 linspace then cast, like the official numpy meshgrid."""
+    ys = torch.linspace(-1, 1, h, dtype=torch.float64, device=device)
+    xs = torch.linspace(-1, 1, w, dtype=torch.float64, device=device)
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).to(dtype).unsqueeze(0)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    with torch.inference_mode(False):  # a normal tensor, usable inside and outside inference_mode
+        return _make_grid(h, w, device, dtype)
+
+
+def _identity_grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Constant per (size, device, dtype): built once, not per frame (under torch.compile the
+    graph builds it and the compiler folds it)."""
+    if torch.compiler.is_compiling():
+        return _make_grid(h, w, device, dtype)
+    return _cached_grid(h, w, device, dtype)
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _make_kernel(k=(1, 3, 3, 1), gain: float = 1.0) -> Tensor:
+    k = torch.tensor(k, dtype=torch.float32)
+    k = torch.outer(k, k)
+    return k / k.sum() * gain
+
+
+# ----------------------------------------------------------------------------------------------
+# StyleGAN2 building blocks (equalised learning rate: stored weights unscaled, scaled at runtime)
+
+
+class EqualLinear(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, bias_init: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_dim, in_dim))
+        self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init)))
+        self.scale = 1 / math.sqrt(in_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight * self.scale, self.bias)
+
+
+class EqualConv2d(nn.Module):
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, padding: int = 0, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, k, k))
+        self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
+        self.scale, self.stride, self.padding = 1 / math.sqrt(cin * k * k), stride, padding
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight * self.scale, self.bias, self.stride, self.padding)
+
+
+class FusedLeakyReLU(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.leaky_relu(x + self.bias, 0.2) * SQRT2
+
+
+class Blur(nn.Module):
+    """Depthwise FIR filter (upfirdn2d with up = down = 1): zero pad, then a true convolution."""
+
+    def __init__(self, pad: int, gain: float = 1.0):
+        super().__init__()
+        self.register_buffer("kernel", _make_kernel(gain=gain))
+        self.pad = pad
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = x.shape[1]
+        w = self.kernel.flip((0, 1)).expand(c, 1, *self.kernel.shape)
+        return F.conv2d(x, w, padding=self.pad, groups=c)
+
+
+class Upsample(nn.Module):
+    """upfirdn2d(up=2, pad=(2, 1)) == depthwise transposed conv, stride 2, padding 1 (2H x 2W)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("kernel", _make_kernel(gain=4.0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = x.shape[1]
+        return F.conv_transpose2d(x, self.kernel.expand(c, 1, *self.kernel.shape), stride=2, padding=1, groups=c)
+
+
+class ConvLayer(nn.Sequential):
+    """[Blur] -> EqualConv2d -> [FusedLeakyReLU]; Sequential indices give the official keys."""
+
+    def __init__(self, cin: int, cout: int, k: int, downsample: bool = False, activate: bool = True):
+        layers = []
+        if downsample:  # blur pad (2, 2) for 3x3 and (1, 1) for 1x1, then a strided conv
+            layers.append(Blur(pad=(4 - 2 + k - 1) // 2))
+        layers.append(EqualConv2d(cin, cout, k, stride=2 if downsample else 1,
+                                  padding=0 if downsample else k // 2, bias=False))
+        if activate:
+            layers.append(FusedLeakyReLU(cout))
+        super().__init__(*layers)
+
+
+class ResBlock(nn.Module):
+    """(B, Cin, H, W) -> (B, Cout, H/2, W/2)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1 = ConvLayer(cin, cin, 3)
+        self.conv2 = ConvLayer(cin, cout, 3, downsample=True)
+        self.skip = ConvLayer(cin, cout, 1, downsample=True, activate=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.conv2(self.conv1(x)) + self.skip(x)) / SQRT2
+
+
+def _pointwise(x: Tensor, w: Tensor) -> Tensor:
+    """1x1 conv as a batched matmul: x (B|1, C, H, W), w (B|1, O, C) -> (B, O, H, W).
+    oneDNN is slow for the 3-channel outputs of ToRGB / ToFlow; a GEMM reads x once."""
+    b, c, h, wd = x.shape
+    if _is_channels_last(x):
+        y = torch.matmul(x.permute(0, 2, 3, 1).reshape(b, h * wd, c), w.transpose(1, 2))
+        return y.view(-1, h, wd, w.shape[1]).permute(0, 3, 1, 2)      # stays channels_last
+    return torch.matmul(w, x.reshape(b, c, h * wd)).view(-1, w.shape[1], h, wd)
+
+
+class ModulatedConv2d(nn.Module):
+    """Per-sample modulated conv. Official: w' = scale * w * s (per sample), demodulated by
+    rsqrt(sum w'^2 + 1e-8), grouped conv. Here the style scales the input channels and the
+    demodulation the output channels of ONE shared conv: the same linear map without per-sample
+    weights, so B frames are one ordinary conv. With B = 1 the style goes into whichever of the
+    weight or the input is smaller (the weight at high resolution)."""
+
+    def __init__(self, cin: int, cout: int, k: int, style_dim: int, demodulate: bool = True, upsample: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, cout, cin, k, k))
+        self.modulation = EqualLinear(style_dim, cin, bias_init=1.0)
+        if upsample:  # transposed conv makes (2H+1)^2, the blur (kernel x4, pad 1) brings it to (2H)^2
+            self.blur = Blur(pad=1, gain=4.0)
+        self.scale, self.demodulate, self.upsample = 1 / math.sqrt(cin * k * k), demodulate, upsample
+
+    def modulated(self, x: Tensor, style: Tensor) -> tuple[Tensor, Tensor | None]:
+        """x (B|1, I, H, W), style (B, S) -> conv output before demodulation (B, O, H', W'),
+        demodulation factors (B, O) or None."""
+        s = self.modulation(style) * self.scale                                     # (B, I)
+        k = self.weight.shape[-1]
+        if k == 1:  # tiny per-sample weights (ToFlow: O = 3): fold the style in, one batched GEMM
+            out = _pointwise(x, self.weight[0, :, :, 0, 0] * s[:, None, :])
+        else:
+            # conv_transpose2d wants (I, O, k, k); keep a contiguous copy instead of a per-call reorder
+            w = (_memo(self, "_wt", self.weight, lambda p: p[0].transpose(0, 1).contiguous())
+                 if self.upsample else self.weight[0])
+            if s.shape[0] == 1 and x.shape[0] == 1 and w.numel() < x.numel():
+                w = w * s.view((-1, 1, 1, 1) if self.upsample else (1, -1, 1, 1))
+            else:
+                x = x * s[:, :, None, None]
+            if self.upsample:
+                out = self.blur(F.conv_transpose2d(x, w, stride=2))
+            else:
+                out = F.conv2d(x, w, padding=k // 2)
+        if not self.demodulate:
+            return out, None
+        wsq = _memo(self, "_wsq", self.weight, lambda p: p[0].square().sum((2, 3)).t())   # (I, O)
+        return out, torch.rsqrt(s.square() @ wsq.to(s.dtype) + 1e-8)
+
+    def forward(self, x: Tensor, style: Tensor) -> Tensor:
+        out, demod = self.modulated(x, style)
+        return out if demod is None else out * demod[:, :, None, None]
+
+
+class NoiseInjection(nn.Module):
+    """Present for the checkpoint; the official inference passes noise=None, which adds nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
+        return x if noise is None else x + self.weight * noise
+
+
+class StyledConv(nn.Module):
+    def __init__(self, cin: int, cout: int, style_dim: int, upsample: bool = False):
+        super().__init__()
+        self.conv = ModulatedConv2d(cin, cout, 3, style_dim, upsample=upsample)
+        self.noise = NoiseInjection()
+        self.activate = FusedLeakyReLU(cout)
+
+    def forward(self, x: Tensor, style: Tensor, noise: Tensor | None = None) -> Tensor:
+        if noise is not None:
+            return self.activate(self.noise(self.conv(x, style), noise))
+        # One pass instead of four: lrelu(out * d + b) * sqrt2 == lrelu(out * (d sqrt2) + b sqrt2)
+        # because leaky ReLU commutes with positive scaling.
+        out, demod = self.conv.modulated(x, style)
+        y = torch.addcmul(self.activate.bias * SQRT2, out, (demod * SQRT2)[:, :, None, None])
+        return F.leaky_relu_(y, 0.2)
+
+
+class ToRGB(nn.Module):
+    """1x1 ConvLayer to RGB (with its FusedLeakyReLU, as in the official code) + bias + upsampled skip."""
+
+    def __init__(self, cin: int, upsample: bool = True):
+        super().__init__()
+        if upsample:
+            self.upsample = Upsample()
+        self.conv = ConvLayer(cin, 3, 1)
+        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
+        conv, act = self.conv
+        out = act(_pointwise(x, (conv.weight[:, :, 0, 0] * conv.scale)[None])) + self.bias
+        return out if skip is None else out + self.upsample(skip)
+
+
+class ToFlow(nn.Module):
+    """Predicts a flow field + mask and warps the encoder feature of the same scale."""
+
+    def __init__(self, cin: int, style_dim: int):
+        super().__init__()
+        self.upsample = Upsample()
+        self.conv = ModulatedConv2d(cin, 3, 1, style_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    def forward(self, x: Tensor, style: Tensor, feat: Tensor, skip: Tensor | None = None):
+        """x (B, C, H, W), feat (1|B, C, H, W), skip (B, 3, H/2, W/2) raw flow of the previous scale
+        -> warped (B, C, H, W), next x (B, C, H, W), raw flow (B, 3, H, W)."""
+        raw = self.conv(x, style) + self.bias
+        if skip is not None:
+            raw = raw + self.upsample(skip)
+        b, _, h, w = raw.shape
+        mask = torch.sigmoid(raw[:, 2:3])
+        offset = torch.tanh(raw[:, :2]).permute(0, 2, 3, 1)       # (B, H, W, 2), x then y
+        grid = offset + _identity_grid(h, w, offset.device, offset.dtype)
+        if feat.shape[0] != b:  # one portrait rendered with B motion codes
+            feat = feat.expand(b, -1, -1, -1)
+        sampled = F.grid_sample(feat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # official: warped = sampled * m; next = warped + x * (1 - m) == x + m * (sampled - x)
+        return sampled * mask, torch.lerp(x, sampled, mask), raw
+
+
+# ----------------------------------------------------------------------------------------------
+# encoder (enc.*)
+
+
+class WeightedSum(nn.Module):
+    """HAL fusion: softmax-weighted sum of the pooled layer vectors."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.weights = nn.Parameter(torch.ones(n))
+
+    def forward(self, xs: list[Tensor]) -> Tensor:
+        w = torch.softmax(self.weights, dim=0)
+        return sum(wi * xi for wi, xi in zip(w, xs))
+
+
+class AppearanceEncoder(nn.Module):
+    """``enc.net_app``: StyleGAN2-discriminator-style encoder + HAL.
+    (B, 3, H, W) -> wa (B, S), skip feats [(B, C, 8, 8), ..., (B, C, H, W)]."""
+
+    def __init__(self, d: Stage1Dims):
+        super().__init__()
+        res = [2 ** i for i in range(d.log_size, 1, -1)]       # 256, 128, ..., 4
+        self.convs = nn.ModuleList([ConvLayer(3, d.enc_channels(d.size), 1)])
+        for r in res[:-1]:
+            self.convs.append(ResBlock(d.enc_channels(r), d.enc_channels(r // 2)))
+        self.convs.append(EqualConv2d(d.enc_channels(4), d.style_dim, 4, bias=False))
+        # The first three layers are narrower than S and get a projection (official fc1/fc2/fc3).
+        for i in range(3):
+            setattr(self, f"fc{i + 1}", EqualLinear(d.enc_channels(res[i]), d.style_dim))
+        self.ws = WeightedSum(len(self.convs))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        outs, pooled = [], []
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            p = x.mean((-2, -1))
+            pooled.append(getattr(self, f"fc{i + 1}")(p) if i < 3 else p)
+            outs.append(x)
+        return self.ws(pooled), outs[::-1][2:]
+
+
+def _mlp(dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+
+
+class Decoupling(nn.Module):
+    """``enc.net_decouping`` (sic): identity head, its CLUB density head (training only) and the
+    identity-excluded head that feeds the motion code."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.identity_net = _mlp(dim)
+        self.identity_net_density = _mlp(dim)   # input: the identity embedding
+        self.identity_excluded_net = _mlp(dim)
+
+    def forward(self, wa: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """wa (B, S) -> identity (B, S), identity-excluded (B, S), density (B, S) (official order)."""
+        ident = self.identity_net(wa)
+        return ident, self.identity_excluded_net(wa), self.identity_net_density(ident)
+
+
+class Encoder(nn.Module):
+    def __init__(self, d: Stage1Dims):
+        super().__init__()
+        self.net_app = AppearanceEncoder(d)
+        # Purely linear motion head: 4 x (S -> S), then S -> M, no activations (as in LIA).
+        self.fc = nn.Sequential(*[EqualLinear(d.style_dim, d.style_dim) for _ in range(4)],
+                                EqualLinear(d.style_dim, d.motion_dim))
+        self.net_decouping = Decoupling(d.style_dim)
+
+    def motion_code(self, wa: Tensor) -> Tensor:
+        """HAL latent (B, S) -> motion code alpha (B, M)."""
+        return self.fc(self.net_decouping.identity_excluded_net(wa))
+
+
+# ----------------------------------------------------------------------------------------------
+# decoder (dec.*)
+
+
+class Direction(nn.Module):
+    """LMD: an orthonormal basis Q (S, M) of the motion subspace from a reduced QR."""
+
+    def __init__(self, style_dim: int, motion_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(style_dim, motion_dim))
+
+    def basis(self) -> Tensor:
+        return _memo(self, "_q", self.weight, lambda w: torch.linalg.qr(w + 1e-8, mode="reduced")[0])
+
+    def forward(self, alpha: Tensor) -> Tensor:
+        """alpha (B, M) -> sum_k alpha_k Q[:, k] (B, S)."""
+        return alpha @ self.basis().t()
+
+
+class ConstantInput(nn.Module):
+    def __init__(self, channels: int, size: int = 4):
+        super().__init__()
+        self.input = nn.Parameter(torch.randn(1, channels, size, size))
+
+    def forward(self, batch: int) -> Tensor:
+        return self.input.expand(batch, -1, -1, -1)
+
+
+class Synthesis(nn.Module):
+    """``dec``: latent = wa + alpha Q^T styles every layer; at each scale 8..size two StyledConvs,
+    a ToFlow that warps the encoder feature, and a ToRGB of the warped feature."""
+
+    def __init__(self, d: Stage1Dims):
+        super().__init__()
+        s = d.style_dim
+        self.direction = Direction(s, d.motion_dim)
+        self.input = ConstantInput(d.dec_channels(4))
+        self.conv1 = StyledConv(d.dec_channels(4), d.dec_channels(4), s)
+        self.to_rgb1 = ToRGB(d.dec_channels(4), upsample=False)   # in the checkpoint, unused in forward
+        self.convs, self.to_rgbs, self.to_flows = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        cin = d.dec_channels(4)
+        for i in range(3, d.log_size + 1):
+            cout = d.dec_channels(2 ** i)
+            self.convs.append(StyledConv(cin, cout, s, upsample=True))
+            self.convs.append(StyledConv(cout, cout, s))
+            self.to_rgbs.append(ToRGB(cout))
+            self.to_flows.append(ToFlow(cout, s))
+            cin = cout
+
+    def forward(self, wa: Tensor, alpha: Tensor | None, feats: list[Tensor]) -> Tensor:
+        """wa (1|B, S), alpha (B, M) or None, feats [(1|B, C, 8, 8), ...] -> (B, 3, size, size)."""
+        latent = wa if alpha is None else wa + self.direction(alpha)     # absolute, not relative
+        # Run in the memory format of the features (channels_last is much faster with oneDNN).
+        fmt = torch.channels_last if _is_channels_last(feats[-1]) else torch.contiguous_format
+        x = self.conv1(self.input(latent.shape[0]).contiguous(memory_format=fmt), latent)
+        rgb = flow = None
+        for i, feat in enumerate(feats):
+            x = self.convs[2 * i + 1](self.convs[2 * i](x, latent), latent)
+            warped, x, flow = self.to_flows[i](x, latent, feat, flow)
+            rgb = self.to_rgbs[i](warped, rgb)
+        return rgb
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class Stage1(nn.Module):
+    """AniTalker stage 1 (official ``LIA_Model``). state_dict keys: enc.net_app.*,
+    enc.net_decouping.*, enc.fc.*, dec.* (174 parameters + 30 blur kernels at full size)."""
+
+    def __init__(self, dims: Stage1Dims = Stage1Dims()):
+        super().__init__()
+        if dims.enc_channels(32) != dims.style_dim or dims.dec_channels(32) != dims.style_dim:
+            raise ValueError(f"style_dim {dims.style_dim} must equal the channel count at 32x32 "
+                             f"({dims.enc_channels(32)}); with channel_divisor n use style_dim 512/n")
+        self.dims = dims
+        self.enc = Encoder(dims)
+        self.dec = Synthesis(dims)
+
+    def to(self, *args, **kwargs):
+        """nn.Module.to, but ``memory_format`` only touches 4-D tensors: torch cannot make the
+        official 5-D modulated weights (1, O, I, k, k) channels_last (it raises), and oneDNN
+        reorders weights per call anyway. The compute layout follows the inputs: the image for
+        ``encode``, the features for ``render``."""
+        fmt = kwargs.pop("memory_format", None)
+        super().to(*args, **kwargs)
+        if fmt is not None:
+            self._apply(lambda t: t.contiguous(memory_format=fmt) if t.dim() == 4 else t)
+        return self
+
+    def encode(self, img: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """One encoder pass. img (B, 3, H, W) in [-1, 1] -> wa (B, S), alpha0 (B, M),
+        feats [(B, C, 8, 8), ..., (B, C, H, W)] (6 maps at 256)."""
+        wa, feats = self.enc.net_app(img)
+        return wa, self.enc.motion_code(wa), feats
+
+    def motion(self, img: Tensor) -> Tensor:
+        """img (B, 3, H, W) -> alpha (B, M); the skip features are computed but not kept."""
+        return self.enc.motion_code(self.enc.net_app(img)[0])
+
+    def render(self, wa: Tensor, alpha: Tensor, feats: list[Tensor]) -> Tensor:
+        """wa (1|B, S), alpha (B, M), feats of batch 1 or B -> frames (B, 3, H, W), not clamped."""
+        return self.dec(wa, alpha, feats)
+
+    def basis(self) -> Tensor:
+        """Q (S, M), orthonormal columns; cached in eval mode, differentiable in training mode."""
+        return self.dec.direction.basis()
+
+    def identity(self, wa: Tensor) -> Tensor:
+        """Identity embedding (B, S) of a HAL latent (training only)."""
+        return self.enc.net_decouping.identity_net(wa)
+
+    def identity_density(self, ident: Tensor) -> Tensor:
+        """CLUB head (B, S) on an identity embedding (training only)."""
+        return self.enc.net_decouping.identity_net_density(ident)

@@ -1,0 +1,1 @@
+"""The realtime shell and the command line."""

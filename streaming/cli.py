@@ -1,0 +1,156 @@
+"""The ``anitalker`` command line.
+
+Every user-fixable error is one line on stderr and exit status 1; ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from avatar.download import DEFAULT_INFER_TYPE, STAGE2, default_dir, download
+from avatar.pipeline import Controls
+from models.errors import AnitalkerError
+
+
+def _floats(text: str, n: int, what: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) != n:
+        raise AnitalkerError(f"{what} takes {n} comma-separated numbers, got {text!r}")
+    return vals
+
+
+def _unit(text: str, what: str) -> float:
+    v = _floats(text, 1, what)[0]
+    if not 0.0 <= v <= 1.0:
+        raise AnitalkerError(f"{what} must be between 0 and 1 (0.5 = centre / typical size), got {v}")
+    return v
+
+
+def read_pose_file(path) -> np.ndarray:
+    """(T, 3) yaw, pitch, roll in degrees from .npy or text (.txt/.csv, comma or space separated)."""
+    path = Path(path)
+    try:
+        a = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
+    except FileNotFoundError:
+        raise AnitalkerError(f"pose file not found: {path}") from None
+    except Exception as e:
+        raise AnitalkerError(f"cannot read pose file {path}: {e}") from None
+    a = np.asarray(a, dtype=np.float32)
+    if a.ndim != 2 or a.shape[1] != 3 or len(a) == 0:
+        raise AnitalkerError(f"pose file {path} must hold rows of yaw,pitch,roll in degrees; got shape {a.shape}")
+    return a
+
+
+def controls_from_args(args) -> Controls:
+    """Poses are given in degrees and normalised the way the model was trained (/90, clamped to [-1, 1])."""
+    pose = None
+    if args.pose is not None and args.pose_file is not None:
+        raise AnitalkerError("give either --pose or --pose-file, not both")
+    if args.pose is not None:
+        pose = np.array(_floats(args.pose, 3, "--pose"), dtype=np.float32)
+    elif args.pose_file is not None:
+        pose = read_pose_file(args.pose_file)
+    if pose is not None:
+        pose = np.clip(pose / 90.0, -1.0, 1.0)
+    return Controls(pose=pose,
+                    location=None if args.location is None else _unit(args.location, "--location"),
+                    scale=None if args.scale is None else _unit(args.scale, "--scale"))
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model options every command that runs the models shares (render, live, reenact)."""
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoints", metavar="DIR", help=f"folder with the official files (default {default_dir()}, "
+                   "or $ANITALKER_CHECKPOINTS)")
+    g.add_argument("--infer-type", default=DEFAULT_INFER_TYPE, choices=list(STAGE2),
+                   help="which stage-2 model to use (default %(default)s)")
+    g.add_argument("--steps", type=int, default=50, help="DDIM steps (default %(default)s; fewer is faster)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the motion noise (default %(default)s)")
+    g.add_argument("--pose", metavar="YAW,PITCH,ROLL", help="head pose in degrees (pose_only/full_control models)")
+    g.add_argument("--pose-file", metavar="FILE", help="per-frame head pose, rows of yaw,pitch,roll in degrees "
+                   "(.npy, .txt, .csv); shorter files hold their last row")
+    g.add_argument("--location", metavar="X", help="horizontal face position 0..1 (full_control models)")
+    g.add_argument("--scale", metavar="S", help="face size 0..1 (full_control models)")
+    g.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    g.add_argument("--no-crop", action="store_true", help="use the whole portrait, squashed to 256x256, "
+                   "instead of detecting and cropping the face")
+
+
+def cmd_render(args) -> int:
+    from avatar.offline import render_file
+    from avatar.pipeline import load_models
+    from avatar.portrait import asset_path
+
+    portrait = args.portrait or asset_path("portrait.jpg")
+    audio = args.audio or asset_path("sentence.wav")
+    if args.steps < 1:
+        raise AnitalkerError("--steps must be at least 1")
+    controls = controls_from_args(args)
+    models = load_models(args.checkpoints, args.infer_type, args.device)
+    print(f"rendering {portrait} + {audio} -> {args.output} ({models.infer_type}, {args.steps} steps, "
+          f"{models.device})", file=sys.stderr)
+    timings = render_file(models, portrait, audio, args.output, controls=controls, steps=args.steps,
+                          seed=args.seed, crop=not args.no_crop, paste_back=args.paste_back)
+    print(f"wrote {args.output}\n{timings.table()}", file=sys.stderr)
+    return 0
+
+
+def cmd_download(args) -> int:
+    types = list(STAGE2) if "all" in args.infer_types else args.infer_types
+    folder = download(args.checkpoints, types)
+    print(f"checkpoints are in {folder}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="anitalker", description="A talking avatar from one portrait photo.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("render", help="render a portrait and an audio file to an mp4",
+                       description="Render a talking-head video. Without arguments it uses the bundled "
+                       "portrait and sentence.")
+    r.add_argument("--portrait", metavar="IMAGE", help="portrait photo (default: the bundled one)")
+    r.add_argument("--audio", metavar="FILE", help="speech, any format (default: the bundled sentence)")
+    r.add_argument("-o", "--output", default="anitalker.mp4", help="output mp4 (default %(default)s)")
+    r.add_argument("--paste-back", action="store_true", help="blend the rendered face back into the photo")
+    add_model_args(r)
+    r.set_defaults(func=cmd_render)
+
+    d = sub.add_parser("download", help="fetch the official checkpoints",
+                       description=f"Fetch the official AniTalker checkpoints into the cache folder "
+                       f"(default {default_dir()}).")
+    d.add_argument("--checkpoints", metavar="DIR", help="where to put them")
+    d.add_argument("infer_types", nargs="*", default=[DEFAULT_INFER_TYPE], metavar="TYPE",
+                   help=f"stage-2 models to fetch: {', '.join(STAGE2)} or all (default {DEFAULT_INFER_TYPE})")
+    d.set_defaults(func=cmd_download)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AnitalkerError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # unwritable output folder, full disk, ...: the OS message names the file
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

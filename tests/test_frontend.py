@@ -1,0 +1,180 @@
+"""models.frontend: MFCC and HuBERT front ends against the official fixtures, and the HuBERT loader.
+
+Fixtures: ../shared/parity/case_a/audio_frontend.npz (official demo, transformers 4.19.2) and the
+tiny HuBERT manifest in its parent, with the seed from case.json.
+"""
+import argparse
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.errors import AnitalkerError, CheckpointError
+from models.frontend import (hubert_model_input, load_hubert, mfcc_features, mfcc_model_input,
+                             normalize_wave, write_hubert_folder)
+
+PARITY = Path(__file__).resolve().parents[2] / "shared" / "parity"
+CASE = PARITY / "case_a"
+NEW_G = "encoder.pos_conv_embed.conv.parametrizations.weight.original0"
+
+
+@pytest.fixture(scope="module")
+def fx():
+    return np.load(CASE / "audio_frontend.npz")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(official-named seed state dict, HubertConfig kwargs) of the parity tiny HuBERT."""
+    spec = importlib.util.spec_from_file_location("parity_weights", PARITY / "weights.py")
+    w = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(w)
+    seed = json.loads((CASE / "case.json").read_text())["seed"]
+    sd = w.make_state_dict(w.load_manifest(PARITY / "manifest_hubert_tiny.json"), seed=seed)
+    return sd, json.loads((PARITY / "hubert_tiny_config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def hubert(tiny, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hubert")
+    write_hubert_folder(folder, *tiny)
+    return load_hubert(folder)
+
+
+def assert_close(a, b, tol):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= tol, np.abs(a - b).max()
+
+
+# ---------------------------------------------------------------- MFCC
+
+
+def test_mfcc_matches_official(fx):
+    feats = mfcc_features(fx["wave"])
+    ref = fx["mfcc_features"]
+    assert feats.dtype == np.float64 and feats.shape == ref.shape == (99, 39)
+    np.testing.assert_allclose(feats, ref, rtol=1e-6, atol=1e-4)
+    assert np.abs(feats - ref).max() < 1e-9          # measured 1.5e-13
+    x, frames = mfcc_model_input(feats)
+    assert frames == int(fx["mfcc_frames"]) == 24
+    assert x.dtype == torch.float32
+    assert_close(x, fx["mfcc_model_input"], 0)
+
+
+@pytest.mark.parametrize("n,rate", [(16000, 16000), (399, 16000), (1, 16000), (12345, 8000)])
+def test_mfcc_matches_python_speech_features(n, rate):
+    psf = pytest.importorskip("python_speech_features")
+    wave = np.random.default_rng(n).standard_normal(n).astype(np.float32) * 0.1
+    wave[: n // 3] = 0                               # silent frames take the eps branch
+    m = psf.mfcc(wave, rate, numcep=13, winlen=0.025, winstep=0.01)
+    ref = np.hstack([m, psf.delta(m, 1), psf.delta(m, 2)])
+    np.testing.assert_allclose(mfcc_features(wave, rate), ref, rtol=1e-6, atol=1e-8)
+
+
+def test_mfcc_empty_audio_is_a_user_error():
+    with pytest.raises(AnitalkerError, match="empty"):
+        mfcc_features(np.zeros(0, np.float32))
+
+
+# ---------------------------------------------------------------- HuBERT
+
+
+def test_normalize_wave_matches_feature_extractor(fx):
+    x = normalize_wave(fx["wave"])
+    assert x.dtype == np.float32
+    assert_close(x, fx["hubert_input_values"][0], 0)
+
+
+def test_hubert_tiny_matches_official(hubert, fx):
+    """Needs the weight_g/weight_v remap and the 4.19 last state (after the final LayerNorm)."""
+    states = hubert.states(fx["wave"])
+    assert states.shape == (3, 50, 64) and states.dtype == torch.float32
+    assert_close(states, fx["hubert_tiny_states"], 1e-4)       # measured 3.6e-6 (sdpa vs eager)
+    x, frames = hubert_model_input(states)
+    assert frames == int(fx["hubert_tiny_frames"]) == 25
+    assert_close(x, fx["hubert_tiny_model_input"], 1e-4)
+    assert torch.equal(states[:, -1], states[:, -2])           # the edge-copied frame
+
+
+def test_hubert_model_input_cuts_to_even_frames():
+    x, frames = hubert_model_input(torch.arange(3 * 51 * 2.0).reshape(3, 51, 2))
+    assert frames == 25 and x.shape == (1, 3, 50, 2)
+
+
+def reload(folder, sd, config, **kw):
+    write_hubert_folder(folder, sd, config, **kw)
+    return load_hubert(folder)
+
+
+def test_hubert_folder_variants_give_same_states(tiny, hubert, fx, tmp_path):
+    sd, config = tiny
+    ref = hubert.states(fx["wave"])
+    # safetensors with the official names
+    assert torch.equal(reload(tmp_path / "st", sd, config, safetensors=True).states(fx["wave"]), ref)
+    # newer transformers naming, saved from a HubertForCTC-like wrapper ("hubert." prefix)
+    renamed = {"hubert." + k.replace("encoder.pos_conv_embed.conv.weight_g", NEW_G)
+               .replace("conv.weight_v", "conv.parametrizations.weight.original1"): v
+               for k, v in sd.items()}
+    assert torch.equal(reload(tmp_path / "new", renamed, config).states(fx["wave"]), ref)
+
+
+def test_hubert_missing_key_fails_loudly(tiny, tmp_path):
+    sd, config = tiny
+    partial = {k: v for k, v in sd.items() if not k.endswith("weight_g")}
+    with pytest.raises(CheckpointError, match=rf"{tmp_path.name}.*{NEW_G}"):
+        reload(tmp_path / "missing", partial, config)
+
+
+def test_hubert_unexpected_keys_are_reported(tiny, tmp_path, caplog):
+    sd, config = tiny
+    with caplog.at_level(logging.WARNING, logger="models.frontend"):
+        fe = reload(tmp_path / "extra", {**sd, "final_proj.weight": torch.zeros(2, 2)}, config)
+    assert fe.unexpected_keys == ["final_proj.weight"]
+    assert "final_proj.weight" in caplog.text
+
+
+def test_hubert_refuses_unsafe_pickle(tiny, tmp_path):
+    sd, config = tiny
+    folder = tmp_path / "unsafe"
+    write_hubert_folder(folder, sd, config)
+    torch.save({**sd, "args": argparse.Namespace(lr=1)}, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="refused.*unsafe"):
+        load_hubert(folder)
+
+
+def test_hubert_folder_errors(tiny, tmp_path):
+    sd, config = tiny
+    with pytest.raises(CheckpointError, match="not found"):
+        load_hubert(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_hubert(tmp_path / "empty")
+    folder = tmp_path / "noweights"
+    write_hubert_folder(folder, sd, config)
+    (folder / "pytorch_model.bin").unlink()
+    with pytest.raises(CheckpointError, match="no HuBERT weights"):
+        load_hubert(folder)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        reload(tmp_path / "wide", sd, {**config, "intermediate_size": 256})
+
+
+def test_hubert_do_normalize_comes_from_preprocessor_config(tiny, hubert, fx, tmp_path):
+    sd, config = tiny
+    raw = reload(tmp_path / "raw", sd, config, do_normalize=False)
+    assert hubert.do_normalize and not raw.do_normalize
+    wave = fx["wave"] * 3 + 0.1
+    assert_close(raw.states(normalize_wave(wave)), hubert.states(wave), 1e-5)
+    assert np.abs(raw.states(wave).numpy() - hubert.states(wave).numpy()).max() > 1e-2
+    (tmp_path / "raw" / "preprocessor_config.json").unlink()      # absent: class default True
+    assert load_hubert(tmp_path / "raw").do_normalize
+
+
+def test_hubert_too_short_audio(hubert):
+    assert hubert.states(np.zeros(400, np.float32)).shape == (3, 2, 64)
+    with pytest.raises(AnitalkerError, match="too short"):
+        hubert.states(np.zeros(399, np.float32))

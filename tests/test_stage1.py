@@ -1,0 +1,201 @@
+"""Stage 1 (models/stage1.py): official key layout, batching, the cached LMD basis, memory formats,
+and one full-size parity check against the official fixtures (../shared/parity, case A)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import stage1 as s1
+from models.stage1 import Stage1, Stage1Dims
+
+TINY = Stage1Dims(style_dim=32, channel_divisor=16)
+PARITY = Path(os.environ.get("ANITALKER_PARITY_DIR", Path(__file__).resolve().parents[2] / "shared" / "parity"))
+MANIFEST = PARITY / "manifest_stage1.json"
+KERNEL = torch.outer(torch.tensor([1.0, 3, 3, 1]), torch.tensor([1.0, 3, 3, 1])) / 64
+
+
+def tiny(seed: int = 0) -> Stage1:
+    """Tiny model with every parameter random (biases and mixing weights included). The flow
+    heads are scaled down: with 4-8 channels at 128-256 px, full-size flows warp so far that
+    float rounding (amplified ~100x by grid_sample at 256 px) would hide real differences."""
+    torch.manual_seed(seed)
+    m = Stage1(TINY).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias") or p.dim() == 1:
+                p.copy_(0.1 * torch.randn_like(p) + (1.0 if name.endswith("modulation.bias") else 0.0))
+            elif name.startswith("dec.to_flows") and name.endswith("conv.weight"):
+                p.mul_(0.2)
+    return m
+
+
+def portrait(batch: int = 1, seed: int = 1) -> torch.Tensor:
+    """A smooth image (upsampled 8x8 noise): white noise would make the warps needlessly
+    sensitive to float rounding."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(batch, 3, 8, 8, generator=g) * 2 - 1
+    return torch.nn.functional.interpolate(low, size=(256, 256), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def test_key_names_and_shapes_match_the_official_layout():
+    with torch.device("meta"):
+        full = Stage1()
+    sd = full.state_dict()
+    assert len(sd) == 204
+    assert sum(1 for _ in full.parameters()) == 174 and sum(1 for _ in full.buffers()) == 30
+    assert sum(p.numel() for p in full.parameters()) == 46_923_173
+    if MANIFEST.is_file():
+        import json
+        manifest = json.loads(MANIFEST.read_text())
+        assert {k: list(v.shape) for k, v in sd.items()} == {k: e["shape"] for k, e in manifest.items()}
+    # Tiny dims: the same names; every channel count (64..512) divided by 16.
+    small = tiny().state_dict()
+    assert small.keys() == sd.keys()
+    for k, v in sd.items():
+        assert list(small[k].shape) == [d // 16 if d in (64, 128, 256, 512) else d for d in v.shape], k
+
+
+def test_blur_kernels_are_persistent_buffers_with_the_official_values():
+    sd = tiny().state_dict()
+    kernels = {k: v for k, v in sd.items() if k.endswith("kernel")}
+    assert len(kernels) == 30
+    for k, v in kernels.items():
+        assert torch.equal(v, KERNEL * (4 if k.startswith("dec.") else 1)), k
+
+
+def test_style_dim_must_equal_the_channels_at_32():
+    with pytest.raises(ValueError, match="style_dim"):
+        Stage1(Stage1Dims(style_dim=64, channel_divisor=16))
+
+
+@torch.inference_mode()
+def test_encode_shapes_and_motion():
+    m = tiny()
+    img = portrait(2)
+    wa, alpha0, feats = m.encode(img)
+    assert wa.shape == (2, 32) and alpha0.shape == (2, 20)
+    assert [tuple(f.shape) for f in feats] == [(2, 32, 8, 8), (2, 32, 16, 16), (2, 32, 32, 32),
+                                               (2, 16, 64, 64), (2, 8, 128, 128), (2, 4, 256, 256)]
+    torch.testing.assert_close(m.motion(img), alpha0, rtol=0, atol=1e-6)
+    assert m.render(wa, alpha0, feats).shape == (2, 3, 256, 256)
+
+
+@torch.inference_mode()
+def test_batched_render_equals_per_frame_render():
+    # Tolerance 1e-3: fp32 summation order differs, and grid_sample amplifies rounding in the flow
+    # (~100x at 256 px); a wrong broadcast or batch mix-up gives errors of order 0.1-1.
+    m = tiny()
+    wa, _, feats = m.encode(portrait())
+    alphas = torch.randn(3, 20, generator=torch.Generator().manual_seed(2))
+    one_by_one = torch.cat([m.render(wa, a[None], feats) for a in alphas])
+    batched = m.render(wa, alphas, feats)                                 # feats of batch 1, broadcast
+    torch.testing.assert_close(batched, one_by_one, rtol=0, atol=1e-3)
+    expanded = m.render(wa.expand(3, -1), alphas, [f.expand(3, -1, -1, -1) for f in feats])
+    torch.testing.assert_close(expanded, one_by_one, rtol=0, atol=1e-3)
+
+
+@torch.inference_mode()
+def test_self_reconstruction_render_is_deterministic():
+    m = tiny()
+    wa, alpha0, feats = m.encode(portrait())
+    a, b = m.render(wa, alpha0, feats), m.render(wa, alpha0, feats)
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
+def test_basis_is_orthonormal_and_cached_in_eval(monkeypatch):
+    m = tiny()
+    w = m.dec.direction.weight
+    q = m.basis()
+    assert q.shape == (32, 20) and not q.requires_grad
+    torch.testing.assert_close(q.T @ q, torch.eye(20), rtol=0, atol=1e-5)
+    torch.testing.assert_close(q, torch.linalg.qr(w.detach() + 1e-8, mode="reduced")[0])
+    calls = []
+    real_qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda *a, **k: calls.append(1) or real_qr(*a, **k))
+    with torch.inference_mode():
+        wa, _, feats = m.encode(portrait())
+        m.render(wa, torch.zeros(2, 20), feats)
+        m.render(wa, torch.zeros(1, 20), feats)
+    assert m.basis() is q and not calls                       # no QR per frame
+    with torch.no_grad():
+        w.add_(0.5)                                          # an in-place change (an optimizer step)
+    q2 = m.basis()
+    assert len(calls) == 1 and not torch.allclose(q2, q)
+    torch.testing.assert_close(q2, real_qr(w.detach() + 1e-8, mode="reduced")[0])
+    m.load_state_dict(tiny(seed=5).state_dict())             # loading weights is seen too
+    assert not torch.allclose(m.basis(), q2) and len(calls) == 2
+
+
+def test_basis_and_renderer_get_gradients_in_training_mode():
+    m = tiny().train()
+    assert m.basis() is not m.basis()                        # recomputed, differentiable
+    with torch.no_grad():
+        wa, _, feats = m.encode(portrait())
+    alpha = torch.randn(2, 20, requires_grad=True)
+    m.render(wa, alpha, feats).square().mean().backward()
+    g = m.dec.direction.weight.grad
+    assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+    assert alpha.grad is not None and m.dec.convs[0].conv.modulation.weight.grad.abs().sum() > 0
+
+
+@torch.inference_mode()
+def test_channels_last_gives_the_same_result():
+    m = tiny()
+    img = portrait()
+    wa, alpha0, feats = m.encode(img)
+    ref = m.render(wa, torch.stack([alpha0[0], -alpha0[0]]), feats)
+    m.to(memory_format=torch.channels_last)                  # 5-D modulated weights are left alone
+    wa_c, alpha0_c, feats_c = m.encode(img.contiguous(memory_format=torch.channels_last))
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in feats_c)
+    torch.testing.assert_close(wa_c, wa, rtol=0, atol=1e-5)
+    out = m.render(wa, torch.stack([alpha0[0], -alpha0[0]]), feats_c)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-3)
+
+
+@torch.inference_mode()
+def test_bf16_autocast_runs_close_to_fp32():
+    m = tiny()
+    wa, alpha0, feats = m.encode(portrait())
+    ref = m.render(wa, alpha0, feats)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.render(wa, alpha0, feats)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    # bf16 rounding moves the warps, so a few pixels move a lot; on average the frame agrees.
+    assert (out.float() - ref).abs().mean() < 0.02 * ref.abs().mean()
+
+
+def test_identity_heads_and_grid_cache():
+    m = tiny()
+    wa = torch.randn(2, 32)
+    ident = m.identity(wa)
+    assert ident.shape == (2, 32) and m.identity_density(ident).shape == (2, 32)
+    ident2, excluded, density = m.enc.net_decouping(wa)
+    torch.testing.assert_close(ident2, ident)
+    torch.testing.assert_close(density, m.identity_density(ident))
+    torch.testing.assert_close(m.enc.fc(excluded), m.enc.motion_code(wa))
+    g = s1._identity_grid(8, 8, torch.device("cpu"), torch.float32)
+    assert g is s1._identity_grid(8, 8, torch.device("cpu"), torch.float32)
+    assert g.shape == (1, 8, 8, 2) and g[0, 0, 0].tolist() == [-1, -1] and g[0, 0, -1].tolist() == [1, -1]
+
+
+@pytest.mark.skipif(not (PARITY / "case_a" / "stage1.npz").is_file(), reason="parity fixtures not present")
+@torch.inference_mode()
+def test_full_size_parity_case_a():
+    spec = importlib.util.spec_from_file_location("parity_weights_stage1", PARITY / "weights.py")
+    weights = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(weights)
+    m = Stage1()
+    m.load_state_dict(weights.make_state_dict(weights.load_manifest(MANIFEST), seed=1), strict=True)
+    m.eval()
+    a = np.load(PARITY / "case_a" / "stage1.npz")
+    wa, alpha0, feats = m.encode(torch.from_numpy(a["image_in"]))
+    assert np.abs(wa.numpy() - a["wa"]).max() < 1e-4
+    assert np.abs(alpha0.numpy() - a["alpha0"]).max() < 1e-4
+    assert np.abs(m.basis().numpy() - a["Q"]).max() < 1e-4
+    frame = m.render(wa, torch.from_numpy(a["alphas"][:1]), feats)
+    assert np.abs(frame.numpy() - a["frames"][:1]).max() < 2e-3

@@ -1,0 +1,1 @@
+"""Training code for both model stages."""
