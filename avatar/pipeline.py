@@ -69,7 +69,6 @@ class Speed:
     """How the models run. The default is exact fp32 (what the parity tests guard); the rest trade
     a measured error (README, bench/offline.py) for speed."""
     precision: str = "fp32"       # "fp32" | "bf16" (autocast)
-    channels_last: bool = False   # NHWC convolutions in the renderer
     compile: bool = False         # torch.compile the renderer (a one-off warm-up of tens of seconds)
 
     def __post_init__(self):
@@ -87,8 +86,6 @@ class Models:
 
     def __post_init__(self):
         self._render = self.stage1.render
-        if self.speed.channels_last:
-            self.stage1.to(memory_format=torch.channels_last)
         if self.speed.compile:
             self._render = torch.compile(self.stage1.render, dynamic=False)
 
@@ -128,8 +125,6 @@ def load_models(checkpoints: str | Path | None = None, infer_type: str = DEFAULT
 def encode_portrait(models: Models, image: torch.Tensor) -> PortraitCode:
     """image: (1,3,256,256) in [-1,1]."""
     wa, alpha0, feats = models.stage1.encode(image.to(models.device))
-    if models.speed.channels_last:
-        feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
     return PortraitCode(wa, alpha0, feats)
 
 

@@ -1,6 +1,6 @@
 """Offline rendering speed per stage, at full model size with generated (random) weights.
 
-    python bench/offline.py [--seconds 10] [--modes fp32,fp32+cl,bf16+cl,bf16+cl+compile] [--mode-frames 50]
+    python bench/offline.py [--seconds 10] [--modes fp32,bf16,fp32+compile,bf16+compile] [--mode-frames 50]
 
 The first mode runs the whole pipeline (portrait encode, HuBERT-large, 50-step DDIM, rendering of every
 frame, mp4 encoding) and is the reference. Every other mode re-times HuBERT and the renderer on
@@ -35,7 +35,7 @@ HUBERT_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=
 
 def parse_mode(text: str) -> Speed:
     parts = text.split("+")
-    return Speed(precision=parts[0], channels_last="cl" in parts, compile="compile" in parts)
+    return Speed(precision=parts[0], compile="compile" in parts)
 
 
 def build(speed: Speed, seed: int = 0) -> Models:
@@ -64,7 +64,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--modes", default="fp32,fp32+cl,bf16,bf16+cl,bf16+cl+compile")
+    p.add_argument("--modes", default="fp32,bf16,fp32+compile,bf16+compile")
     p.add_argument("--mode-frames", type=int, default=50, help="frames rendered per extra mode")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "offline.json"))
@@ -104,7 +104,6 @@ def main() -> None:
         rows.append(dict(mode=mode, frames=n, hubert_s=t_hub2, warmup_s=t_warm, render_ms_per_frame=1000 * per_frame,
                          total_s_estimate=t_enc + t_hub2 + t_mot + per_frame * frames + t_mp4,
                          max_abs_err=float(err.max()), mean_abs_err=float(err.mean())))
-        m.stage1.to(memory_format=torch.contiguous_format)
 
     result = dict(bench="offline", seconds_of_audio=args.seconds, steps=args.steps, threads=args.threads,
                   torch=torch.__version__, cpu=platform.processor() or platform.machine(), rows=rows)

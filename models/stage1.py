@@ -2,13 +2,16 @@
 
 The module tree, parameter names and shapes match the official ``LIA_Model`` exactly, so an
 official ``stage1.ckpt`` loads with ``load_state_dict(strict=True)`` (after stripping ``lia.``).
-The numerics follow the official code (rosinality's StyleGAN2 blocks); where we compute
-something differently for speed, the comment says why it is equivalent:
+The numerics follow the official code (rosinality's StyleGAN2 blocks) within float rounding;
+where we compute something differently for speed, the comment says why it is equivalent:
 
 * modulated convs scale the *input* by the style and the *output* by the demodulation instead
-  of building per-sample weights, so a batch of B frames is one ordinary conv;
-* Q (the LMD basis), the demodulation weight norms and the identity grids are computed once
-  and reused while the weights are unchanged (eval mode only).
+  of building per-sample weights, so B frames are one ordinary conv; with B = 1 at high
+  resolution both go into the (smaller) weight, and the activation's bias and gain ride along;
+* the warped feature (sampled * mask) is never built: ToRGB applies the mask to its 3 outputs;
+* everything runs channels_last (NHWC), which oneDNN and cuDNN run fastest;
+* Q (the LMD basis), the demodulation weight norms, NHWC weight copies and the identity grids
+  are computed once and reused while the weights are unchanged (eval mode only).
 
 Shapes: images (B, 3, H, W) in [-1, 1]; S = style_dim, M = motion_dim.
 """
@@ -48,17 +51,14 @@ class Stage1Dims:
 # eval-time memo of tensors derived from parameters
 
 
-def _version(t: Tensor) -> int:
-    return -1 if t.is_inference() else t._version  # inference tensors have no version counter
-
-
 def _memo(owner: nn.Module, name: str, src: Tensor, fn):
     """fn(src), cached on ``owner`` while ``src`` keeps its storage and version (so
     load_state_dict, optimizer steps and in-place edits invalidate it). In training mode it is
     recomputed on every call so that gradients flow through ``fn``."""
     if owner.training or torch.compiler.is_compiling():
         return fn(src)
-    key = (src.data_ptr(), _version(src), src.dtype, src.device)
+    version = -1 if src.is_inference() else src._version   # inference tensors have no counter
+    key = (src.data_ptr(), version, src.dtype, src.device)
     hit = owner.__dict__.get(name)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -84,11 +84,8 @@ def _cached_grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Te
 
 
 def _identity_grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """Constant per (size, device, dtype): built once, not per frame (under torch.compile the
-    graph builds it and the compiler folds it)."""
-    if torch.compiler.is_compiling():
-        return _make_grid(h, w, device, dtype)
-    return _cached_grid(h, w, device, dtype)
+    """A constant per (size, device, dtype), built once (torch.compile traces and folds it)."""
+    return _make_grid(h, w, device, dtype) if torch.compiler.is_compiling() else _cached_grid(h, w, device, dtype)
 
 
 def _is_channels_last(x: Tensor) -> bool:
@@ -113,6 +110,8 @@ class EqualLinear(nn.Module):
         self.scale = 1 / math.sqrt(in_dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:  # scale the (B, O) product, not the (O, I) weight: no weight copy per frame
+            return torch.addmm(self.bias, x, self.weight.t(), alpha=self.scale)
         return F.linear(x, self.weight * self.scale, self.bias)
 
 
@@ -144,10 +143,10 @@ class Blur(nn.Module):
         self.register_buffer("kernel", _make_kernel(gain=gain))
         self.pad = pad
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         c = x.shape[1]
         w = self.kernel.flip((0, 1)).expand(c, 1, *self.kernel.shape)
-        return F.conv2d(x, w, padding=self.pad, groups=c)
+        return F.conv2d(x, w, None if bias is None else bias.reshape(-1), padding=self.pad, groups=c)
 
 
 class Upsample(nn.Module):
@@ -201,10 +200,10 @@ def _pointwise(x: Tensor, w: Tensor) -> Tensor:
 
 class ModulatedConv2d(nn.Module):
     """Per-sample modulated conv. Official: w' = scale * w * s (per sample), demodulated by
-    rsqrt(sum w'^2 + 1e-8), grouped conv. Here the style scales the input channels and the
-    demodulation the output channels of ONE shared conv: the same linear map without per-sample
-    weights, so B frames are one ordinary conv. With B = 1 the style goes into whichever of the
-    weight or the input is smaller (the weight at high resolution)."""
+    d = rsqrt(sum w'^2 + 1e-8) per output channel, grouped conv with groups=B. As the style
+    scales input channels and d output channels, this equals conv(x * s, scale * w) * d: one
+    shared conv for all B frames. With B = 1 and a weight smaller than the input (high
+    resolutions) s and d are folded into the weight instead, which saves two passes over x."""
 
     def __init__(self, cin: int, cout: int, k: int, style_dim: int, demodulate: bool = True, upsample: bool = False):
         super().__init__()
@@ -214,33 +213,36 @@ class ModulatedConv2d(nn.Module):
             self.blur = Blur(pad=1, gain=4.0)
         self.scale, self.demodulate, self.upsample = 1 / math.sqrt(cin * k * k), demodulate, upsample
 
-    def modulated(self, x: Tensor, style: Tensor) -> tuple[Tensor, Tensor | None]:
-        """x (B|1, I, H, W), style (B, S) -> conv output before demodulation (B, O, H', W'),
-        demodulation factors (B, O) or None."""
-        s = self.modulation(style) * self.scale                                     # (B, I)
-        k = self.weight.shape[-1]
-        if k == 1:  # tiny per-sample weights (ToFlow: O = 3): fold the style in, one batched GEMM
-            out = _pointwise(x, self.weight[0, :, :, 0, 0] * s[:, None, :])
-        else:
-            # conv_transpose2d wants (I, O, k, k); keep a contiguous copy instead of a per-call reorder
-            w = (_memo(self, "_wt", self.weight, lambda p: p[0].transpose(0, 1).contiguous())
-                 if self.upsample else self.weight[0])
-            if s.shape[0] == 1 and x.shape[0] == 1 and w.numel() < x.numel():
-                w = w * s.view((-1, 1, 1, 1) if self.upsample else (1, -1, 1, 1))
-            else:
-                x = x * s[:, :, None, None]
-            if self.upsample:
-                out = self.blur(F.conv_transpose2d(x, w, stride=2))
-            else:
-                out = F.conv2d(x, w, padding=k // 2)
-        if not self.demodulate:
-            return out, None
-        wsq = _memo(self, "_wsq", self.weight, lambda p: p[0].square().sum((2, 3)).t())   # (I, O)
-        return out, torch.rsqrt(s.square() @ wsq.to(s.dtype) + 1e-8)
+    def _kernel(self) -> Tensor:
+        """(O, I, k, k), or (I, O, k, k) for conv_transpose2d, channels_last like the activations.
+        In eval a copy is kept (none if Stage1.to(memory_format=channels_last) already made the
+        weight NHWC) instead of letting torch reorder up to 9 MB per conv and frame."""
+        if self.upsample:
+            return _memo(self, "_w", self.weight,
+                         lambda p: p[0].transpose(0, 1).contiguous(memory_format=torch.channels_last))
+        return _memo(self, "_w", self.weight, lambda p: p[0].contiguous(memory_format=torch.channels_last))
 
-    def forward(self, x: Tensor, style: Tensor) -> Tensor:
-        out, demod = self.modulated(x, style)
-        return out if demod is None else out * demod[:, :, None, None]
+    def forward(self, x: Tensor, style: Tensor, bias: Tensor | None = None, gain: float = 1.0) -> Tensor:
+        """x (B|1, I, H, W), style (B, S), bias (1, O, 1, 1) -> gain * modconv(x) + bias (B, O, H', W')."""
+        s = self.modulation(style) * self.scale                                      # (B, I)
+        if self.weight.shape[-1] == 1:  # ToFlow, O = 3, no demodulation: per-sample weights, one bmm
+            out = _pointwise(x, self.weight[0, :, :, 0, 0] * s[:, None, :] * gain)
+            return out if bias is None else out + bias
+        d = torch.full_like(s[:, :1], gain)
+        if self.demodulate:
+            wsq = _memo(self, "_wsq", self.weight, lambda p: p[0].square().sum((2, 3)).t())    # (I, O)
+            d = torch.rsqrt(s.square() @ wsq.to(s.dtype) + 1e-8) * gain                          # (B, O)
+        w, pad = self._kernel(), self.weight.shape[-1] // 2
+        if s.shape[0] == 1 and x.shape[0] == 1 and w.numel() < x.numel():
+            if self.upsample:
+                w = w * (s.view(-1, 1, 1, 1) * d.view(1, -1, 1, 1))
+                return self.blur(F.conv_transpose2d(x, w, stride=2), bias)
+            w = w * (d.view(-1, 1, 1, 1) * s.view(1, -1, 1, 1))
+            return F.conv2d(x, w, None if bias is None else bias.reshape(-1), padding=pad)
+        x = x * s[:, :, None, None]
+        out = self.blur(F.conv_transpose2d(x, w, stride=2)) if self.upsample else F.conv2d(x, w, padding=pad)
+        d = d[:, :, None, None]
+        return out * d if bias is None else torch.addcmul(bias, out, d)
 
 
 class NoiseInjection(nn.Module):
@@ -264,11 +266,9 @@ class StyledConv(nn.Module):
     def forward(self, x: Tensor, style: Tensor, noise: Tensor | None = None) -> Tensor:
         if noise is not None:
             return self.activate(self.noise(self.conv(x, style), noise))
-        # One pass instead of four: lrelu(out * d + b) * sqrt2 == lrelu(out * (d sqrt2) + b sqrt2)
-        # because leaky ReLU commutes with positive scaling.
-        out, demod = self.conv.modulated(x, style)
-        y = torch.addcmul(self.activate.bias * SQRT2, out, (demod * SQRT2)[:, :, None, None])
-        return F.leaky_relu_(y, 0.2)
+        # lrelu(conv + b) * sqrt2 == lrelu(sqrt2 * conv + sqrt2 * b) (leaky ReLU commutes with a
+        # positive scale): the gain and bias ride along with the conv, one in-place pass remains.
+        return F.leaky_relu_(self.conv(x, style, self.activate.bias * SQRT2, SQRT2), 0.2)
 
 
 class ToRGB(nn.Module):
@@ -281,9 +281,12 @@ class ToRGB(nn.Module):
         self.conv = ConvLayer(cin, 3, 1)
         self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
 
-    def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, skip: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """x (B, C, H, W) -> (B, 3, H, W). With ``mask`` (B, 1, H, W) the input is x * mask; the
+        1x1 conv commutes with a per-pixel scale, so the mask is applied to 3 channels, not C."""
         conv, act = self.conv
-        out = act(_pointwise(x, (conv.weight[:, :, 0, 0] * conv.scale)[None])) + self.bias
+        out = _pointwise(x, (conv.weight[:, :, 0, 0] * conv.scale)[None])
+        out = act(out if mask is None else out * mask) + self.bias
         return out if skip is None else out + self.upsample(skip)
 
 
@@ -298,19 +301,31 @@ class ToFlow(nn.Module):
 
     def forward(self, x: Tensor, style: Tensor, feat: Tensor, skip: Tensor | None = None):
         """x (B, C, H, W), feat (1|B, C, H, W), skip (B, 3, H/2, W/2) raw flow of the previous scale
-        -> warped (B, C, H, W), next x (B, C, H, W), raw flow (B, 3, H, W)."""
-        raw = self.conv(x, style) + self.bias
+        -> warped (B, C, H, W), next x (B, C, H, W), raw flow (B, 3, H, W) (the official outputs)."""
+        sampled, mask, nxt, raw = self.warp(x, style, feat, skip)
+        return sampled * mask, nxt, raw
+
+    def warp(self, x: Tensor, style: Tensor, feat: Tensor, skip: Tensor | None = None):
+        """Like forward, but returns the sampled feature and the mask (B, 1, H, W) instead of their
+        product, so that the renderer can skip that full-size multiply (see ToRGB)."""
+        raw = self.conv(x, style, self.bias)
         if skip is not None:
             raw = raw + self.upsample(skip)
         b, _, h, w = raw.shape
         mask = torch.sigmoid(raw[:, 2:3])
-        offset = torch.tanh(raw[:, :2]).permute(0, 2, 3, 1)       # (B, H, W, 2), x then y
-        grid = offset + _identity_grid(h, w, offset.device, offset.dtype)
+        # The warp runs in >= fp32: a bf16 grid is off by up to half a pixel at 256 px, and CPU
+        # grid_sample returns garbage for bf16 (torch 2.13). A no-op for fp32 inputs.
+        dt = torch.promote_types(raw.dtype, torch.float32)
+        offset = torch.tanh(raw[:, :2]).permute(0, 2, 3, 1).to(dt)  # (B, H, W, 2), x then y
+        grid = offset + _identity_grid(h, w, offset.device, dt)
         if feat.shape[0] != b:  # one portrait rendered with B motion codes
             feat = feat.expand(b, -1, -1, -1)
-        sampled = F.grid_sample(feat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        # official: warped = sampled * m; next = warped + x * (1 - m) == x + m * (sampled - x)
-        return sampled * mask, torch.lerp(x, sampled, mask), raw
+        sampled = F.grid_sample(feat.to(dt), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        sampled = sampled.to(torch.promote_types(feat.dtype, x.dtype))
+        # official: warped = sampled * m; next = warped + x * (1 - m) == x + m * (sampled - x).
+        # lerp needs one dtype; under autocast use the promoted one, as the official ops do.
+        dt = torch.promote_types(torch.promote_types(x.dtype, sampled.dtype), mask.dtype)
+        return sampled, mask, torch.lerp(x.to(dt), sampled.to(dt), mask.to(dt)), raw
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,6 +361,7 @@ class AppearanceEncoder(nn.Module):
         self.ws = WeightedSum(len(self.convs))
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        x = x.contiguous(memory_format=torch.channels_last)  # faster with oneDNN; feats come out NHWC
         outs, pooled = [], []
         for i, conv in enumerate(self.convs):
             x = conv(x)
@@ -401,7 +417,13 @@ class Direction(nn.Module):
         self.weight = nn.Parameter(torch.randn(style_dim, motion_dim))
 
     def basis(self) -> Tensor:
-        return _memo(self, "_q", self.weight, lambda w: torch.linalg.qr(w + 1e-8, mode="reduced")[0])
+        return _memo(self, "_q", self.weight, self._qr)
+
+    @staticmethod
+    def _qr(w: Tensor) -> Tensor:
+        # LAPACK has no bf16/fp16 QR: those weights are factorised in fp32.
+        w32 = w.to(torch.promote_types(w.dtype, torch.float32))
+        return torch.linalg.qr(w32 + 1e-8, mode="reduced")[0].to(w.dtype)
 
     def forward(self, alpha: Tensor) -> Tensor:
         """alpha (B, M) -> sum_k alpha_k Q[:, k] (B, S)."""
@@ -441,14 +463,16 @@ class Synthesis(nn.Module):
     def forward(self, wa: Tensor, alpha: Tensor | None, feats: list[Tensor]) -> Tensor:
         """wa (1|B, S), alpha (B, M) or None, feats [(1|B, C, 8, 8), ...] -> (B, 3, size, size)."""
         latent = wa if alpha is None else wa + self.direction(alpha)     # absolute, not relative
-        # Run in the memory format of the features (channels_last is much faster with oneDNN).
-        fmt = torch.channels_last if _is_channels_last(feats[-1]) else torch.contiguous_format
-        x = self.conv1(self.input(latent.shape[0]).contiguous(memory_format=fmt), latent)
+        # The decoder always runs channels_last: oneDNN's NHWC kernels made a CPU frame 1.4x faster
+        # (transposed convs most), cuDNN prefers it too, and the values are the same. The layout
+        # propagates from this first activation through every conv and elementwise op.
+        x = self.input(latent.shape[0]).contiguous(memory_format=torch.channels_last)
+        x = self.conv1(x, latent)
         rgb = flow = None
         for i, feat in enumerate(feats):
             x = self.convs[2 * i + 1](self.convs[2 * i](x, latent), latent)
-            warped, x, flow = self.to_flows[i](x, latent, feat, flow)
-            rgb = self.to_rgbs[i](warped, rgb)
+            sampled, mask, x, flow = self.to_flows[i].warp(x, latent, feat, flow)
+            rgb = self.to_rgbs[i](sampled, rgb, mask)        # ToRGB(warped = sampled * mask)
         return rgb
 
 
@@ -469,19 +493,20 @@ class Stage1(nn.Module):
         self.dec = Synthesis(dims)
 
     def to(self, *args, **kwargs):
-        """nn.Module.to, but ``memory_format`` only touches 4-D tensors: torch cannot make the
-        official 5-D modulated weights (1, O, I, k, k) channels_last (it raises), and oneDNN
-        reorders weights per call anyway. The compute layout follows the inputs: the image for
-        ``encode``, the features for ``render``."""
+        """nn.Module.to; ``memory_format`` also reaches the official 5-D modulated weights
+        (1, O, I, k, k), which torch cannot convert itself (it raises): their [0] gets that
+        layout. With channels_last the renderer needs no NHWC weight copies of its own. The
+        computation is channels_last either way; the values do not change."""
         fmt = kwargs.pop("memory_format", None)
         super().to(*args, **kwargs)
         if fmt is not None:
-            self._apply(lambda t: t.contiguous(memory_format=fmt) if t.dim() == 4 else t)
+            self._apply(lambda t: t.contiguous(memory_format=fmt) if t.dim() == 4 else
+                        t[0].contiguous(memory_format=fmt)[None] if t.dim() == 5 else t)
         return self
 
     def encode(self, img: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
         """One encoder pass. img (B, 3, H, W) in [-1, 1] -> wa (B, S), alpha0 (B, M),
-        feats [(B, C, 8, 8), ..., (B, C, H, W)] (6 maps at 256)."""
+        feats [(B, C, 8, 8), ..., (B, C, H, W)] (6 maps at 256, channels_last memory)."""
         wa, feats = self.enc.net_app(img)
         return wa, self.enc.motion_code(wa), feats
 
@@ -490,7 +515,9 @@ class Stage1(nn.Module):
         return self.enc.motion_code(self.enc.net_app(img)[0])
 
     def render(self, wa: Tensor, alpha: Tensor, feats: list[Tensor]) -> Tensor:
-        """wa (1|B, S), alpha (B, M), feats of batch 1 or B -> frames (B, 3, H, W), not clamped."""
+        """wa (1|B, S), alpha (B, M), feats of batch 1 or B (from ``encode``) -> frames
+        (B, 3, H, W), not clamped, absolute: alpha = alpha0 reconstructs the portrait. The result
+        may be channels_last-strided (``.contiguous()`` if NCHW memory matters)."""
         return self.dec(wa, alpha, feats)
 
     def basis(self) -> Tensor:

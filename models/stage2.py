@@ -53,8 +53,8 @@ class Stage2Dims:
         if self.control not in CONTROL_KINDS:
             raise ValueError(f"control must be one of {CONTROL_KINDS}, got {self.control!r}")
         for d in (self.speech_dim, self.decoder_dim):
-            if d % (2 * self.heads):  # even per-head width and an even sinusoid table
-                raise ValueError(f"width {d} must be divisible by 2*heads = {2 * self.heads}")
+            if d % self.heads or d % 2:  # whole heads; the sin/cos table interleaves pairs
+                raise ValueError(f"width {d} must be even and divisible by heads = {self.heads}")
         if self.conv_kernel % 2 == 0:
             raise ValueError(f"conv_kernel must be odd (same-length padding), got {self.conv_kernel}")
 

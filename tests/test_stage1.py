@@ -144,21 +144,28 @@ def test_basis_and_renderer_get_gradients_in_training_mode():
 
 
 @torch.inference_mode()
-def test_channels_last_gives_the_same_result():
+def test_memory_formats_give_the_same_result():
     m = tiny()
     img = portrait()
     wa, alpha0, feats = m.encode(img)
-    ref = m.render(wa, torch.stack([alpha0[0], -alpha0[0]]), feats)
-    m.to(memory_format=torch.channels_last)                  # 5-D modulated weights are left alone
-    wa_c, alpha0_c, feats_c = m.encode(img.contiguous(memory_format=torch.channels_last))
-    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in feats_c)
+    alphas = torch.stack([alpha0[0], -alpha0[0]])
+    ref = m.render(wa, alphas, feats)
+    nchw = m.render(wa, alphas, [f.contiguous() for f in feats])          # NCHW features work too
+    torch.testing.assert_close(nchw, ref, rtol=0, atol=1e-4)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m.to(memory_format=torch.channels_last)          # reaches the 5-D modulated weights as well
+    assert m.dec.convs[0].conv.weight[0].is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    wa_c, _, feats_c = m.encode(img.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(wa_c, wa, rtol=0, atol=1e-5)
-    out = m.render(wa, torch.stack([alpha0[0], -alpha0[0]]), feats_c)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-3)
+    torch.testing.assert_close(m.render(wa_c, alphas, feats_c), ref, rtol=0, atol=1e-3)
+    m.to(memory_format=torch.contiguous_format)
+    assert m.dec.convs[0].conv.weight.is_contiguous()
+    torch.testing.assert_close(m.render(wa, alphas, feats), ref, rtol=0, atol=1e-3)
 
 
 @torch.inference_mode()
-def test_bf16_autocast_runs_close_to_fp32():
+def test_bf16_runs_close_to_fp32():
     m = tiny()
     wa, alpha0, feats = m.encode(portrait())
     ref = m.render(wa, alpha0, feats)
@@ -167,6 +174,9 @@ def test_bf16_autocast_runs_close_to_fp32():
     assert out.shape == ref.shape and torch.isfinite(out).all()
     # bf16 rounding moves the warps, so a few pixels move a lot; on average the frame agrees.
     assert (out.float() - ref).abs().mean() < 0.02 * ref.abs().mean()
+    mb = tiny().bfloat16()                                   # a model cast to bf16 (QR, warp in fp32)
+    out = mb.render(*mb.encode(portrait().bfloat16()))
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().mean() < 0.02 * ref.abs().mean()
 
 
 def test_identity_heads_and_grid_cache():

@@ -75,6 +75,8 @@ def test_dims_are_validated():
         Stage2Dims(control="everything")
     with pytest.raises(ValueError, match="divisible"):
         Stage2Dims(speech_dim=30, heads=4)
+    with pytest.raises(ValueError, match="odd"):
+        Stage2Dims(conv_kernel=12)
 
 
 @pytest.mark.parametrize("audio,control", INFER_TYPES)
