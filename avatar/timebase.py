@@ -1,0 +1,80 @@
+"""The one time base of the project, and the frame types that travel on it.
+
+Every pts is an integer: a sample index at 16 kHz for audio, a frame index at 25 fps for video.
+A video frame i owns exactly the audio samples [640 i, 640 (i + 1)); HuBERT rows come at 50 Hz, two per
+video frame.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+FPS = 25
+SAMPLES_PER_FRAME = SAMPLE_RATE // FPS        # 640
+FEATURE_RATE = 50                             # HuBERT rows per second
+SAMPLES_PER_FEATURE = SAMPLE_RATE // FEATURE_RATE   # 320
+FEATURES_PER_FRAME = FEATURE_RATE // FPS      # 2
+
+
+def frames_for_samples(n: int) -> int:
+    """Frames needed to show n samples: ceil(n / 640) (the last one padded with silence)."""
+    return -(-int(n) // SAMPLES_PER_FRAME)
+
+
+def frame_of_sample(n: int) -> int:
+    """The frame that owns sample n."""
+    return int(n) // SAMPLES_PER_FRAME
+
+
+def first_sample(frame: int) -> int:
+    return int(frame) * SAMPLES_PER_FRAME
+
+
+def frame_seconds(frame: int) -> float:
+    return frame / FPS
+
+
+def sample_seconds(n: int) -> float:
+    return n / SAMPLE_RATE
+
+
+@dataclass(frozen=True, eq=False)
+class AudioChunk:
+    """float32 mono 16 kHz samples; pts = index of the first sample in the stream."""
+    samples: np.ndarray
+    pts: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class VideoFrame:
+    """uint8 (H, W, 3) RGB; pts = frame index (25 fps for our output, the source's own count for input)."""
+    image: np.ndarray
+    pts: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class AvFrame:
+    """One output video frame with exactly its 640 audio samples, so A/V sync holds by construction.
+
+    pushed_at: time.monotonic() when the last of its audio samples was pushed into the engine;
+    produced_at: when the engine returned it. Their difference is the engine's latency for this frame.
+    """
+    image: np.ndarray
+    audio: np.ndarray
+    pts: int
+    pushed_at: float = 0.0
+    produced_at: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+
+class Animator(Protocol):
+    """The engine seam the realtime shell drives (one worker thread owns it)."""
+
+    def push(self, item: AudioChunk) -> list[AvFrame]: ...
+
+    def flush(self) -> list[AvFrame]: ...
+
+    def reset(self) -> None: ...
