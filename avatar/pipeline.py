@@ -148,10 +148,11 @@ def generate_motion(models: Models, code: PortraitCode, audio: torch.Tensor, fra
     """
     check_controls(models, controls)
     schedule = ddim_schedule(steps)
-    cond = models.stage2.condition(code.wa, code.alpha0, audio, **controls.tensors(frames, models.device))
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(1, frames, models.stage2.dims.motion_dim, generator=g).to(models.device)
-    return ddim_sample(lambda x, t: models.stage2.eps(cond, x, t), x_T, schedule, on_step=on_step)
+    with models.autocast():  # the network may run in bf16; the sampler's arithmetic stays fp32
+        cond = models.stage2.condition(code.wa, code.alpha0, audio, **controls.tensors(frames, models.device))
+        return ddim_sample(lambda x, t: models.stage2.eps(cond, x, t).float(), x_T, schedule, on_step=on_step)
 
 
 @torch.inference_mode()

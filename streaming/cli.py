@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from avatar.download import DEFAULT_INFER_TYPE, STAGE2, default_dir, download
-from avatar.pipeline import Controls
+from avatar.pipeline import Controls, Speed
 from models.errors import AnitalkerError
 
 
@@ -78,8 +78,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--location", metavar="X", help="horizontal face position 0..1 (full_control models)")
     g.add_argument("--scale", metavar="S", help="face size 0..1 (full_control models)")
     g.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="fp32 (default) computes what the official code computes; bf16 is about 1.3-2x faster "
+                   "and differs by a few grey levels (README)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the renderer: faster per frame after a "
+                   "one-off warm-up of tens of seconds")
     g.add_argument("--no-crop", action="store_true", help="use the whole portrait, squashed to 256x256, "
                    "instead of detecting and cropping the face")
+
+
+def speed_from_args(args) -> Speed:
+    return Speed(precision=args.precision, compile=args.compile)
 
 
 def cmd_render(args) -> int:
@@ -92,7 +101,7 @@ def cmd_render(args) -> int:
     if args.steps < 1:
         raise AnitalkerError("--steps must be at least 1")
     controls = controls_from_args(args)
-    models = load_models(args.checkpoints, args.infer_type, args.device)
+    models = load_models(args.checkpoints, args.infer_type, args.device, speed_from_args(args))
     print(f"rendering {portrait} + {audio} -> {args.output} ({models.infer_type}, {args.steps} steps, "
           f"{models.device})", file=sys.stderr)
     timings = render_file(models, portrait, audio, args.output, controls=controls, steps=args.steps,

@@ -144,3 +144,21 @@ def test_console_script_without_weights(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: the AniTalker checkpoints are not in")
     assert "anitalker download" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_speed_modes_stay_close_to_fp32(tiny_checkpoints, speech, tmp_path):
+    """bf16 and torch.compile are opt-in speed modes: same frame count, pictures close to exact fp32."""
+    def frames(name, *extra):
+        out = tmp_path / name
+        assert run("render", "--checkpoints", tiny_checkpoints, "--audio", speech, "-o", out, "--steps", "2",
+                   *extra) == 0
+        with av.open(str(out)) as f:
+            return np.stack([fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]).astype(int)
+    ref = frames("fp32.mp4")
+    for mode in (["--precision", "bf16"], ["--compile"]):
+        got = frames("mode.mp4", *mode)
+        assert got.shape == ref.shape
+        # tiny random models magnify rounding (grid_sample), so the bound is loose; a broken mode
+        # (NaN, black or garbage frames) is off by tens of levels
+        assert np.abs(got - ref).mean() < 8.0, mode
+        assert got.std() > 10

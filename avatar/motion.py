@@ -1,0 +1,196 @@
+"""Sliding-window motion: stage-2 DDIM run every hop over a short window, so motion streams.
+
+Every hop of H frames the stream samples one window of frames [lo, hi):
+
+    [ context: committed frames | H new frames (committed now) | lookahead (re-made next hop) ]
+      lo = start - n_ctx          start            start + H             hi
+
+conditioned on the portrait's ``wa`` and, as ``alpha0``, on the code of frame lo - 1 (the portrait's own
+code for the first window): the model was trained with the previous frame's code as its hint
+(ANITALKER.md §2.5), so this is its native way to continue. The initial noise of a frame comes from
+``motion_noise`` and does not depend on the window it falls in, so a seed fixes the motion whatever the
+hop and however the audio was chunked, and one window over the whole input equals the one-pass offline
+generation. How windows join (``MotionConfig.continuity``):
+
+- "inpaint": the context frames are known. Before every denoiser call they are replaced by their
+  forward-noised values sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, with x0 = the committed codes and eps =
+  their own initial noise (RePaint with eta = 0 DDIM), so the new frames are sampled to continue them.
+- "crossfade": the context frames are re-sampled freely; the first ``crossfade`` committed frames are
+  blended from the previous window's lookahead prediction of them (weight falling to 0) into the new one.
+- "none": the context frames are re-sampled and the new frames are taken as they come.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from models.sampler import ddim_sample, ddim_schedule
+from models.stage2 import Stage2
+
+NOISE_BLOCK = 64          # frames per independently seeded noise block
+CONTINUITY = ("inpaint", "crossfade", "none")
+
+
+def _block_seed(seed: int, block: int) -> int:
+    # A hash, not seed + block, so neighbouring seeds do not share shifted noise blocks.
+    digest = hashlib.blake2b(f"{seed}:{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2 ** 63 - 1)
+
+
+def motion_noise(seed: int, start: int, end: int, dim: int) -> Tensor:
+    """Initial DDIM noise for frames [start, end): (1, end - start, dim) float32 on the CPU.
+
+    Frame f's values depend only on (seed, f, dim): block f // 64 is drawn from its own CPU generator,
+    so any window, and the whole utterance, see the same noise for the same frame.
+    """
+    if not 0 <= start <= end:
+        raise ValueError(f"bad frame range [{start}, {end})")
+    blocks = [torch.randn(NOISE_BLOCK, dim, generator=torch.Generator().manual_seed(_block_seed(seed, b)))
+              for b in range(start // NOISE_BLOCK, -(-end // NOISE_BLOCK))]
+    if not blocks:
+        return torch.zeros(1, 0, dim)
+    first = (start // NOISE_BLOCK) * NOISE_BLOCK
+    return torch.cat(blocks)[start - first:end - first].unsqueeze(0)
+
+
+@dataclass(frozen=True)
+class MotionConfig:
+    hop: int = 10             # frames committed per window
+    context: int = 10         # committed frames fed back into the window
+    lookahead: int = 5        # frames sampled past the hop (audio the caller must wait for)
+    steps: int = 10           # DDIM steps per window (a count ddim_schedule accepts)
+    continuity: str = "inpaint"   # "inpaint" | "crossfade" | "none"
+    crossfade: int = 4        # frames blended under "crossfade"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.continuity not in CONTINUITY:
+            raise ValueError(f"continuity must be one of {CONTINUITY}, got {self.continuity!r}")
+        if self.hop < 1 or self.context < 0 or self.lookahead < 0 or self.crossfade < 0:
+            raise ValueError(f"need hop >= 1 and context, lookahead, crossfade >= 0: {self}")
+        ddim_schedule(self.steps)   # raises for a step count no stride gives
+
+
+class MotionStream:
+    """Motion codes for a stream of audio, one hop at a time (synchronous, one owner).
+
+    wa: (1, style_dim), alpha0: (1, M) from the portrait. ``window(start)`` says which frames' audio
+    ``step(start, ...)`` wants; ``timings`` holds the last step's seconds (condition, sample, total);
+    ``on_step`` is passed to ddim_sample for per-DDIM-step hooks.
+    """
+
+    def __init__(self, stage2: Stage2, wa: Tensor, alpha0: Tensor, config: MotionConfig = MotionConfig(),
+                 on_step: Optional[Callable] = None):
+        self.stage2, self.wa, self.alpha0, self.config = stage2, wa, alpha0, config
+        self.schedule = ddim_schedule(config.steps)
+        self.on_step = on_step
+        self.timings: dict = {}
+        self.next = 0                             # first uncommitted frame
+        # The code of the frame before the first window, then the committed codes: (1, <= context+1, M).
+        # Its first row is the next window's hint, the rest its context.
+        self.tail = alpha0.reshape(1, 1, -1)
+        self.pending: Optional[Tensor] = None     # last window's lookahead prediction (1, la, M)
+
+    def reset(self, start: Optional[int] = None) -> None:
+        """Interrupt: forget the context and the lookahead, keep the last committed code as the hint.
+
+        The next window starts at ``start`` (default: the next frame) with no context, so it needs no
+        audio from before the interrupt, and continues from the code the head shows now.
+        """
+        self.next = self.next if start is None else start
+        self.tail = self.tail[:, -1:]
+        self.pending = None
+
+    @property
+    def n_ctx(self) -> int:
+        """Context frames of the next window: the committed ones kept, at most config.context."""
+        return min(self.config.context, self.tail.shape[1] - 1)
+
+    @property
+    def last_code(self) -> Tensor:
+        """(1, M) the last committed code (the portrait's alpha0 before any)."""
+        return self.tail[:, -1]
+
+    def window(self, start: int) -> tuple[int, int]:
+        """The frames [lo, hi) whose audio a non-final step at ``start`` takes (the caller clips hi at
+        the end of the stream and then passes final=True)."""
+        return start - self.n_ctx, start + self.config.hop + self.config.lookahead
+
+    def _frames(self, audio: Tensor) -> int:
+        return audio.shape[2] // 2 if self.stage2.dims.audio == "hubert" else audio.shape[1] // 4
+
+    def _controls(self, controls: Optional[dict], frames: int) -> dict:
+        """{name: value} -> {name: (1, frames, c) tensor or None}. A value is (c,) / (1, c) held over
+        the window, or one row per window frame ((frames, c) or (1, frames, c))."""
+        known = {name: c for name, _, c in self.stage2.adapters}
+        out = {}
+        for name, v in (controls or {}).items():
+            if v is None:
+                continue
+            if name not in known:
+                raise ValueError(f"the {self.stage2.dims.infer_type} model has no {name!r} control")
+            v = torch.as_tensor(v, dtype=torch.float32, device=self.wa.device).reshape(-1, known[name])
+            if len(v) == 1:
+                v = v.expand(frames, -1)
+            if len(v) != frames:
+                raise ValueError(f"{name} has {len(v)} rows for a window of {frames} frames")
+            out[name] = v.unsqueeze(0)
+        return out
+
+    @torch.inference_mode()
+    def step(self, start: int, audio: Tensor, controls: Optional[dict] = None, final: bool = False) -> Tensor:
+        """Sample the window at ``start`` and commit -> codes (h, M) of frames [start, start + h).
+
+        audio: model-format features of frames window(start) = [start - n_ctx, hi): hubert (1, L, 2n, H),
+        mfcc (1, 4n, 39). Non-final: n >= n_ctx + hop, h = hop, frames past the hop are lookahead.
+        Final: h = n - n_ctx, everything after the context is committed.
+        controls: {"pose"|"location"|"scale": value or None (predicted)}, for this window only.
+        """
+        cfg, n_ctx = self.config, self.n_ctx
+        if start != self.next:
+            raise ValueError(f"step at frame {start}, but the next uncommitted frame is {self.next}")
+        n = self._frames(audio)
+        h = n - n_ctx if final else cfg.hop
+        if h < 1 or n < n_ctx + h:
+            raise ValueError(f"{n} audio frames cannot hold {n_ctx} context + {max(h, 1)} new frames")
+        t0 = time.perf_counter()
+        lo = start - n_ctx
+        hint, context = self.tail[:, -n_ctx - 1], self.tail[:, self.tail.shape[1] - n_ctx:]
+        x_T = motion_noise(cfg.seed, lo, lo + n, self.alpha0.shape[-1]).to(self.wa.device)
+        cond = self.stage2.condition(self.wa, hint, audio, **self._controls(controls, n))
+        t1 = time.perf_counter()
+        denoise = lambda x, t: self.stage2.eps(cond, x, t)   # noqa: E731
+        if cfg.continuity == "inpaint" and n_ctx:
+            denoise = self._inpainting(denoise, context, x_T[:, :n_ctx])
+        x0 = ddim_sample(denoise, x_T, self.schedule, on_step=self.on_step)
+        new = x0[:, n_ctx:n_ctx + h]
+        if cfg.continuity == "crossfade" and self.pending is not None:
+            k = min(cfg.crossfade, self.pending.shape[1], h)
+            w = 1 - torch.arange(1, k + 1, device=new.device, dtype=new.dtype) / (k + 1)   # 1 -> 0
+            new = torch.cat([w[:, None] * self.pending[:, :k] + (1 - w[:, None]) * new[:, :k], new[:, k:]], 1)
+        self.pending = x0[:, n_ctx + h:]
+        self.tail = torch.cat([self.tail, new], 1)[:, -cfg.context - 1:]
+        self.next = start + h
+        self.timings = dict(condition_s=t1 - t0, sample_s=time.perf_counter() - t1,
+                            total_s=time.perf_counter() - t0, frames=n, steps=cfg.steps)
+        return new[0]
+
+    def _inpainting(self, denoise, known: Tensor, noise: Tensor):
+        """Wrap denoise so the network sees the first known.shape[1] frames at their q(x_t | x0 = known)."""
+        steps = {int(t): i for i, t in enumerate(self.schedule.timesteps)}
+        abar = self.schedule.alphas_cumprod.float()
+        k = known.shape[1]
+
+        def wrapped(x: Tensor, t: Tensor) -> Tensor:
+            a = abar[steps[int(t[0])]]
+            x = x.clone()
+            # The sampler keeps updating its own copy of these rows; they are overwritten here before
+            # every call and never committed, so only what the network sees matters.
+            x[:, :k] = a.sqrt() * known + (1 - a).sqrt() * noise
+            return denoise(x, t)
+        return wrapped
