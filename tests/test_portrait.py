@@ -1,8 +1,6 @@
 """avatar/portrait.py: loading every image mode, face crop, tensor conventions, paste back."""
 
-import os
 import wave
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -17,7 +15,6 @@ from avatar.portrait import (
 from models.errors import AnitalkerError
 
 skimage_data = pytest.importorskip("skimage.data")
-PARITY = Path(os.environ.get("ANITALKER_PARITY_DIR", Path(__file__).resolve().parents[2] / "shared" / "parity"))
 
 
 @pytest.fixture(scope="module")
@@ -182,13 +179,6 @@ def test_to_uint8_clamps_and_truncates():
     # (0.999+1)/2*255 = 254.87 -> 254; 0 -> 127.5 -> 127; 0.5 -> 191.25 -> 191
     assert out[0, 0, :, 0].tolist() == [0, 0, 0, 127, 191, 254, 255, 255]
     np.testing.assert_array_equal(to_uint8(frames.numpy()), out)
-
-
-@pytest.mark.skipif(not (PARITY / "case_a" / "stage1.npz").is_file(), reason="parity fixtures not present")
-def test_conventions_match_official_fixture():
-    a = np.load(PARITY / "case_a" / "stage1.npz")
-    assert torch.equal(to_tensor(a["image_u8"]), torch.from_numpy(a["image_in"]))
-    np.testing.assert_array_equal(to_uint8(a["frames"]), a["frames_u8"])
 
 
 # --------------------------------------------------------------------------- paste back
