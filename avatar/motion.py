@@ -8,16 +8,18 @@ Every hop of H frames the stream samples one window of frames [lo, hi):
 conditioned on the portrait's ``wa`` and, as ``alpha0``, on the code of frame lo - 1 (the portrait's own
 code for the first window): the model was trained with the previous frame's code as its hint
 (ANITALKER.md §2.5), so this is its native way to continue. The initial noise of a frame comes from
-``motion_noise`` and does not depend on the window it falls in, so a seed fixes the motion whatever the
-hop and however the audio was chunked, and one window over the whole input equals the one-pass offline
-generation. How windows join (``MotionConfig.continuity``):
+``motion_noise`` and does not depend on the window it falls in, so a seed and the settings fix the motion
+however the audio was chunked, and one window over the whole input equals the one-pass offline generation
+(pipeline.generate_motion draws the same noise). How windows join (``MotionConfig.continuity``):
 
 - "inpaint": the context frames are known. Before every denoiser call they are replaced by their
   forward-noised values sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, with x0 = the committed codes and eps =
   their own initial noise (RePaint with eta = 0 DDIM), so the new frames are sampled to continue them.
 - "crossfade": the context frames are re-sampled freely; the first ``crossfade`` committed frames are
   blended from the previous window's lookahead prediction of them (weight falling to 0) into the new one.
+- "inpaint+crossfade": both (the lookahead being blended from was itself sampled to continue the context).
 - "none": the context frames are re-sampled and the new frames are taken as they come.
+bench/seams.py measures the seams each leaves.
 """
 from __future__ import annotations
 
@@ -29,11 +31,12 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from models.errors import AnitalkerError
 from models.sampler import ddim_sample, ddim_schedule
 from models.stage2 import Stage2
 
 NOISE_BLOCK = 64          # frames per independently seeded noise block
-CONTINUITY = ("inpaint", "crossfade", "none")
+CONTINUITY = ("inpaint", "crossfade", "inpaint+crossfade", "none")
 
 
 def _block_seed(seed: int, block: int) -> int:
@@ -64,16 +67,19 @@ class MotionConfig:
     context: int = 10         # committed frames fed back into the window
     lookahead: int = 5        # frames sampled past the hop (audio the caller must wait for)
     steps: int = 10           # DDIM steps per window (a count ddim_schedule accepts)
-    continuity: str = "inpaint"   # "inpaint" | "crossfade" | "none"
+    continuity: str = "inpaint"   # one of CONTINUITY
     crossfade: int = 4        # frames blended under "crossfade"
     seed: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self):   # user settings: say what to change, as AnitalkerError
         if self.continuity not in CONTINUITY:
-            raise ValueError(f"continuity must be one of {CONTINUITY}, got {self.continuity!r}")
+            raise AnitalkerError(f"continuity must be one of {CONTINUITY}, got {self.continuity!r}")
         if self.hop < 1 or self.context < 0 or self.lookahead < 0 or self.crossfade < 0:
-            raise ValueError(f"need hop >= 1 and context, lookahead, crossfade >= 0: {self}")
-        ddim_schedule(self.steps)   # raises for a step count no stride gives
+            raise AnitalkerError(f"need hop >= 1 and context, lookahead, crossfade >= 0: {self}")
+        try:
+            ddim_schedule(self.steps)
+        except ValueError as e:
+            raise AnitalkerError(str(e)) from None
 
 
 class MotionStream:
@@ -133,7 +139,8 @@ class MotionStream:
             if v is None:
                 continue
             if name not in known:
-                raise ValueError(f"the {self.stage2.dims.infer_type} model has no {name!r} control")
+                raise AnitalkerError(f"the {self.stage2.dims.infer_type} model has no {name} control; "
+                                     "use a pose_only or full_control model")
             v = torch.as_tensor(v, dtype=torch.float32, device=self.wa.device).reshape(-1, known[name])
             if len(v) == 1:
                 v = v.expand(frames, -1)
@@ -165,11 +172,11 @@ class MotionStream:
         cond = self.stage2.condition(self.wa, hint, audio, **self._controls(controls, n))
         t1 = time.perf_counter()
         denoise = lambda x, t: self.stage2.eps(cond, x, t)   # noqa: E731
-        if cfg.continuity == "inpaint" and n_ctx:
+        if "inpaint" in cfg.continuity and n_ctx:
             denoise = self._inpainting(denoise, context, x_T[:, :n_ctx])
         x0 = ddim_sample(denoise, x_T, self.schedule, on_step=self.on_step)
         new = x0[:, n_ctx:n_ctx + h]
-        if cfg.continuity == "crossfade" and self.pending is not None:
+        if "crossfade" in cfg.continuity and self.pending is not None:
             k = min(cfg.crossfade, self.pending.shape[1], h)
             w = 1 - torch.arange(1, k + 1, device=new.device, dtype=new.dtype) / (k + 1)   # 1 -> 0
             new = torch.cat([w[:, None] * self.pending[:, :k] + (1 - w[:, None]) * new[:, :k], new[:, k:]], 1)

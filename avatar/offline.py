@@ -12,6 +12,7 @@ from models.errors import AnitalkerError
 
 from .media import load_audio, write_mp4
 from .pipeline import Controls, Models, encode_portrait, generate_motion, render
+from .timebase import AudioChunk
 from .portrait import PasteBack, load_image, prepare_portrait, to_tensor, to_uint8
 
 
@@ -34,10 +35,32 @@ class Timings:
         return "\n".join(rows + [f"  {'total':<10} {total:8.2f} s"])
 
 
+def render_file_streaming(animator, original, box, audio_path, out_path, *, paste_back: bool = False,
+                          chunk_ms: int = 20, progress: bool = True) -> Timings:
+    """Render a file through the streaming engine: the audio is pushed in ``chunk_ms`` chunks as a live
+    source would push it, and the frames with their own audio go to the mp4."""
+    wave = load_audio(audio_path)
+    paste = PasteBack(original, box) if paste_back and box is not None else None
+    step = 16 * chunk_ms
+    frames, audio = [], []
+    with tqdm(total=-(-len(wave) // 640), desc="stream", unit="frame", disable=not progress) as bar:
+        for i in range(0, len(wave) + 1, step):
+            out = animator.push(AudioChunk(wave[i:i + step], i)) if i < len(wave) else animator.flush()
+            for f in out:
+                frames.append(paste(f.image) if paste is not None else f.image)
+                audio.append(f.audio)
+            bar.update(len(out))
+    timings = Timings({k: v for k, v in animator.timings.items()})
+    with timings("encode"):
+        write_mp4(out_path, iter(frames), np.concatenate(audio))
+    return timings
+
+
 def render_file(models: Models, portrait_path, audio_path, out_path, *, controls: Controls = Controls(),
                 steps: int = 50, seed: int = 0, crop: bool = True, paste_back: bool = False,
                 batch: int = 1, progress: bool = True) -> Timings:
-    """Render ``out_path`` (H.264 + AAC, 25 fps). Nothing is written unless every step succeeds."""
+    """Render ``out_path`` (H.264 + AAC, 25 fps) in one pass over the utterance, as the official code does.
+    Nothing is written unless every step succeeds."""
     timings = Timings()
     with timings("portrait"):
         original = load_image(portrait_path)

@@ -21,6 +21,7 @@ from models.stage1 import Stage1
 from models.stage2 import Stage2
 
 from .download import DEFAULT_INFER_TYPE, locate
+from .motion import motion_noise
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -144,12 +145,12 @@ def generate_motion(models: Models, code: PortraitCode, audio: torch.Tensor, fra
                     on_step=None) -> torch.Tensor:
     """DDIM over the whole utterance, as the official code does: (1, F, M) motion codes in [-1, 1].
 
-    The initial noise is drawn on the CPU from ``seed`` so a seed gives the same motion on every device.
+    The initial noise is ``avatar.motion.motion_noise``: drawn per frame on the CPU from ``seed``, so a seed
+    gives the same motion on every device, and the streaming engine draws the same noise for each frame.
     """
     check_controls(models, controls)
     schedule = ddim_schedule(steps)
-    g = torch.Generator().manual_seed(seed)
-    x_T = torch.randn(1, frames, models.stage2.dims.motion_dim, generator=g).to(models.device)
+    x_T = motion_noise(seed, 0, frames, models.stage2.dims.motion_dim).to(models.device)
     with models.autocast():  # the network may run in bf16; the sampler's arithmetic stays fp32
         cond = models.stage2.condition(code.wa, code.alpha0, audio, **controls.tensors(frames, models.device))
         return ddim_sample(lambda x, t: models.stage2.eps(cond, x, t).float(), x_T, schedule, on_step=on_step)

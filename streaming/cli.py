@@ -102,12 +102,58 @@ def cmd_render(args) -> int:
         raise AnitalkerError("--steps must be at least 1")
     controls = controls_from_args(args)
     models = load_models(args.checkpoints, args.infer_type, args.device, speed_from_args(args))
-    print(f"rendering {portrait} + {audio} -> {args.output} ({models.infer_type}, {args.steps} steps, "
+    mode = f"streaming, hop {args.hop}, lookahead {args.lookahead}" if args.streaming else "one pass"
+    print(f"rendering {portrait} + {audio} -> {args.output} ({models.infer_type}, {args.steps} steps, {mode}, "
           f"{models.device})", file=sys.stderr)
-    timings = render_file(models, portrait, audio, args.output, controls=controls, steps=args.steps,
-                          seed=args.seed, crop=not args.no_crop, paste_back=args.paste_back)
+    if args.streaming:
+        from avatar.offline import render_file_streaming
+        from avatar.portrait import load_image, prepare_portrait
+
+        original = load_image(portrait)
+        prepared = prepare_portrait(original, crop=not args.no_crop)
+        timings = render_file_streaming(make_animator(args, models, prepared), original, prepared.box, audio,
+                                        args.output, paste_back=args.paste_back)
+    else:
+        timings = render_file(models, portrait, audio, args.output, controls=controls, steps=args.steps,
+                              seed=args.seed, crop=not args.no_crop, paste_back=args.paste_back)
     print(f"wrote {args.output}\n{timings.table()}", file=sys.stderr)
     return 0
+
+
+def add_stream_args(p: argparse.ArgumentParser) -> None:
+    """The streaming engine's options (live, and render --streaming)."""
+    from avatar.animator import StreamConfig
+    from avatar.motion import CONTINUITY
+
+    d = StreamConfig()
+    g = p.add_argument_group("streaming")
+    g.add_argument("--hop", type=int, default=d.hop, help="frames committed per motion window (default %(default)s)")
+    g.add_argument("--lookahead", type=int, default=d.lookahead, help="frames of future audio each window "
+                   "waits for (default %(default)s)")
+    g.add_argument("--context", type=int, default=d.context, help="committed frames each window continues from "
+                   "(default %(default)s)")
+    g.add_argument("--continuity", default=d.continuity, choices=CONTINUITY, help="how windows join "
+                   "(default %(default)s)")
+
+
+def make_animator(args, models, portrait=None):
+    """The streaming engine for ``portrait`` (default: prepared from args), with the options of args."""
+    from avatar.animator import StreamConfig, StreamingAnimator
+    from avatar.pipeline import encode_portrait
+    from avatar.portrait import asset_path, load_image, prepare_portrait, to_tensor
+
+    if portrait is None:
+        portrait = prepare_portrait(load_image(args.portrait or asset_path("portrait.jpg")), crop=not args.no_crop)
+    code = encode_portrait(models, to_tensor(portrait.image))
+    config = StreamConfig(hop=args.hop, lookahead=args.lookahead, context=args.context, steps=args.steps,
+                          continuity=args.continuity, seed=args.seed)
+    return StreamingAnimator(models, code, config, controls_from_args(args))
+
+
+def make_live_animator(args):
+    from avatar.pipeline import load_models
+
+    return make_animator(args, load_models(args.checkpoints, args.infer_type, args.device, speed_from_args(args)))
 
 
 def cmd_download(args) -> int:
@@ -129,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--audio", metavar="FILE", help="speech, any format (default: the bundled sentence)")
     r.add_argument("-o", "--output", default="anitalker.mp4", help="output mp4 (default %(default)s)")
     r.add_argument("--paste-back", action="store_true", help="blend the rendered face back into the photo")
+    r.add_argument("--streaming", action="store_true", help="render through the streaming engine (windows of "
+                   "--hop frames), to compare with the one-pass rendering")
     add_model_args(r)
+    add_stream_args(r)
     r.set_defaults(func=cmd_render)
 
     d = sub.add_parser("download", help="fetch the official checkpoints",
@@ -139,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("infer_types", nargs="*", default=[DEFAULT_INFER_TYPE], metavar="TYPE",
                    help=f"stage-2 models to fetch: {', '.join(STAGE2)} or all (default {DEFAULT_INFER_TYPE})")
     d.set_defaults(func=cmd_download)
+
+    from .live import add_live_parser
+    live, _ = add_live_parser(sub, animator_factory=make_live_animator)
+    add_model_args(live)
+    add_stream_args(live)
+    live.set_defaults(steps=10)   # per window; the offline default of 50 is too slow for realtime on a CPU
+
+    from training.cli import add_parsers as add_training_parsers   # preprocess, train, extract-latents, ...
+    add_training_parsers(sub)
     return p
 
 

@@ -50,6 +50,14 @@ def setup_runtime(device: str = "auto") -> Runtime:
     return Runtime(rank, world, local, dev)
 
 
+def sync_buffers(module: nn.Module, rt: Runtime) -> None:
+    """Rank 0's buffers (BatchNorm statistics) everywhere, as DDP does before each forward: after
+    the last step every rank then holds exactly the weights rank 0 saved."""
+    if rt.distributed:
+        for b in module.buffers():
+            dist.broadcast(b.data, 0)
+
+
 def teardown(rt: Runtime) -> None:
     if rt.distributed and dist.is_initialized():
         dist.barrier()
@@ -146,7 +154,9 @@ def save_training_state(out: Path, model: nn.Module, export_model: nn.Module, st
     inference loaders read: the EMA weights for stage 2), the rest (raw weights, optimizers, step,
     config) under extra keys that the loaders ignore. ``keep_every`` > 0 also keeps step copies."""
     out.mkdir(parents=True, exist_ok=True)
-    extra = {"train_state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **state}
+    extra = dict(state)
+    if model is not export_model:   # stage 2: raw weights beside the EMA ones
+        extra["train_state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     path = out / LAST
     save_checkpoint(path, export_model, extra)
     if keep_every and step % keep_every == 0:

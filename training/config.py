@@ -34,6 +34,15 @@ def _build(cls, data: dict, where: str):
         typ = hints[k]
         if dataclasses.is_dataclass(typ):
             v = _build(typ, v, f"{where}{k}.")
+        elif typ in (int, float) and isinstance(v, (int, float, str)) and not isinstance(v, bool):
+            try:  # YAML reads 1e-4 (no dot) as a string; a float may be written 1, an int 1e5
+                v = float(v) if typ is float else int(float(v)) if float(v).is_integer() else v
+            except ValueError:
+                raise ConfigError(f"{where}{k} must be a number, got {v!r}") from None
+        elif typ is str and not isinstance(v, str):   # `key=` parses as None, `data=2024` as an int
+            v = "" if v is None else str(v)
+        if typ in (int, float, str, bool) and not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+            raise ConfigError(f"{where}{k} must be {typ.__name__}, got {v!r}")
         kwargs[k] = v
     try:
         return cls(**kwargs)

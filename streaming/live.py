@@ -1,0 +1,160 @@
+"""``anitalker live`` and ``anitalker devices``: one input, one or more outputs, metrics while it runs.
+
+The engine comes from ``animator_factory(args) -> Animator`` so the command line stays independent of how
+the models are loaded; ``--test-pattern`` uses the model-free ToneAnimator to check devices and latency.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import sys
+
+from models.errors import AnitalkerError
+
+from . import sinks as S
+from .session import JITTER_FRAMES, Session
+from .sources import FileSource, MicSource, TTSSource
+
+OUTPUTS = "vcam, speaker, preview, file:PATH.mp4, null"
+
+
+def add_live_parser(sub, animator_factory=None):
+    """Add ``live`` and ``devices`` to an argparse subparsers object; returns (live, devices) parsers
+    so the caller can add its model options to ``live``."""
+    p = sub.add_parser("live", help="a talking avatar from a microphone, text or a file, in real time",
+                       description="Drive a portrait in real time and send it to a virtual webcam, a "
+                       "window, a file or a speaker.")
+    p.add_argument("--portrait", metavar="IMAGE", help="portrait photo (default: the bundled one)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--mic", nargs="?", const="", metavar="DEVICE", help="microphone (default device, or "
+                     "a name or number from `anitalker devices`)")
+    src.add_argument("--tts", metavar="TEXT", help="speak this text with espeak-ng")
+    src.add_argument("--audio", metavar="FILE", help="play an audio file in real time")
+    p.add_argument("--to", default="vcam", metavar="OUT[,OUT]", help=f"outputs: {OUTPUTS} (default %(default)s)")
+    p.add_argument("--voice", metavar="V", help="espeak-ng voice for --tts (e.g. en-us, de)")
+    p.add_argument("--speaker", metavar="DEVICE", help="output device for `--to speaker` (default device)")
+    p.add_argument("--vcam-backend", help="pyvirtualcam backend (v4l2loopback, obs, unitycapture)")
+    p.add_argument("--vcam-device", help="e.g. /dev/video10")
+    p.add_argument("--lead-frames", type=int, help=f"frames fed ahead of the clock (default: the engine's "
+                   f"latency + {JITTER_FRAMES})")
+    p.add_argument("--metrics-every", type=float, default=5.0, metavar="S", help="print metrics every S "
+                   "seconds (0: only at exit)")
+    p.add_argument("--metrics-json", metavar="FILE", help="write the final metrics here")
+    p.add_argument("--test-pattern", action="store_true", help="no models: frames that show their number "
+                   "(checks devices and timing)")
+    p.set_defaults(func=lambda args: cmd_live(args, animator_factory))
+    d = sub.add_parser("devices", help="list microphones, speakers and virtual cameras, with what is missing")
+    d.set_defaults(func=cmd_devices)
+    return p, d
+
+
+def make_sinks(spec: str, args) -> list:
+    sinks, speaker = [], None
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        name, _, arg = item.partition(":")
+        if name == "vcam":
+            if args.vcam_backend is None and (problem := S.vcam_problem()):
+                raise AnitalkerError(problem)
+            sinks.append(S.VirtualCamSink(args.vcam_backend, args.vcam_device))
+        elif name == "speaker":
+            speaker = S.SpeakerSink(_device(args.speaker))
+        elif name == "file" and arg:
+            sinks.append(S.FileSink(arg))
+        elif name == "preview":
+            sinks.append(S.PreviewSink())
+        elif name == "null":
+            sinks.append(S.NullSink())
+        else:
+            raise AnitalkerError(f"unknown output {item!r}; use {OUTPUTS}")
+    if speaker is not None:             # opened first, so the camera can wait as long as the voice does
+        for s in sinks:
+            if isinstance(s, S.VirtualCamSink):
+                s.sync_with = speaker
+        sinks.insert(0, speaker)
+    return sinks
+
+
+def _device(text):
+    return int(text) if text and text.isdigit() else (text or None)
+
+
+def make_source(args):
+    if args.audio:
+        return FileSource(args.audio)
+    if args.tts:
+        return TTSSource(args.tts, voice=args.voice)
+    return MicSource(_device(args.mic))
+
+
+def cmd_live(args, animator_factory=None, time_source=None) -> int:
+    sinks = make_sinks(args.to, args)       # preflight before the (slow) model load
+    source = make_source(args)
+    if args.test_pattern:
+        from .testing import ToneAnimator
+        animator = ToneAnimator(size=256)
+    elif animator_factory is None:
+        raise AnitalkerError("this build has no streaming engine yet; use --test-pattern")
+    else:
+        animator = animator_factory(args)
+    session = Session(animator, sinks, time_source=time_source, lead_frames=args.lead_frames)
+    engine = int(getattr(animator, "latency_frames", 0))
+    print(f"configured latency {session.lead * 40} ms = engine lookahead+hop {engine * 40} ms + jitter "
+          f"{(session.lead - engine) * 40} ms, plus compute; outputs: {args.to}", file=sys.stderr)
+    summary = asyncio.run(_run(session, source, args))
+    print("metrics: " + ", ".join(f"{k} {v}" for k, v in summary.items()), file=sys.stderr)
+    if args.metrics_json:
+        with open(args.metrics_json, "w") as f:
+            json.dump(summary, f, indent=1)
+    return 0
+
+
+async def _run(session: Session, source, args) -> dict:
+    loop = asyncio.get_running_loop()
+    try:                                  # Ctrl-C ends the session cleanly, so files close and metrics print
+        loop.add_signal_handler(signal.SIGINT, session.stop)
+    except (NotImplementedError, RuntimeError):
+        pass
+
+    async def report():
+        while args.metrics_every > 0:
+            await asyncio.sleep(args.metrics_every)
+            print(session.metrics.line(session.clock), file=sys.stderr)
+
+    reporter = asyncio.create_task(report())
+    try:
+        summary = await session.run(source)
+    finally:
+        reporter.cancel()
+    return summary
+
+
+def cmd_devices(args) -> int:
+    lines = []
+    try:
+        sd = S.import_sounddevice()
+        devs = sd.query_devices()
+        for kind, key in (("microphones", "max_input_channels"), ("speakers", "max_output_channels")):
+            lines.append(f"{kind}:")
+            found = [f"  {i}: {d['name']} ({d[key]} ch, {int(d['default_samplerate'])} Hz)"
+                     for i, d in enumerate(devs) if d[key] > 0]
+            lines += found or ["  none found"]
+    except AnitalkerError as e:
+        lines.append(f"microphones, speakers: {e}")
+    try:
+        import pyvirtualcam
+        from pyvirtualcam.camera import BACKENDS
+        problem = S.vcam_problem()
+        lines.append(f"virtual camera: pyvirtualcam {pyvirtualcam.__version__}, backends "
+                     f"{', '.join(BACKENDS) or 'none'}; " + (problem or "ready"))
+    except ImportError:
+        lines.append("virtual camera: " + S.vcam_problem())
+    import cv2
+    gui = not S.re.search(r"GUI:\s*NONE", cv2.getBuildInformation())
+    lines.append("preview: " + ("OpenCV with GUI" if gui else "unavailable, OpenCV is headless "
+                                "(pip install opencv-python)"))
+    tts = shutil.which("espeak-ng")
+    lines.append("tts: " + (f"espeak-ng at {tts}" if tts else "espeak-ng missing (apt install espeak-ng)"))
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,121 @@
+"""Session behaviour: interrupts, errors, metrics, the TTS source end to end."""
+import asyncio
+
+import numpy as np
+import pytest
+
+from avatar.timebase import SAMPLE_RATE
+from streaming.clock import FakeTime, RealTime
+from streaming.session import Session
+from streaming.sources import PcmSource, TTSSource, espeak_pcm, sentences
+from streaming.testing import ToneAnimator
+
+
+async def speak_then_interrupt(time_source, animator):
+    """Push 4 s of speech, interrupt after 10 speaking frames; return (frames before, frames after)."""
+    async with Session(animator, time_source=time_source) as avatar:
+        frames = avatar.frames()
+        avatar.push(np.full(SAMPLE_RATE * 4, 0.5, np.float32))
+        before, after = [], []
+        while sum(f.audio.any() for f in before) < 10:
+            before.append(await frames.__anext__())
+        avatar.interrupt()
+        for _ in range(15):
+            after.append(await frames.__anext__())
+        await frames.aclose()
+        depth = dict(avatar.metrics.depth)
+    return before, after, depth
+
+
+@pytest.mark.parametrize("time_source", [FakeTime, RealTime])
+def test_interrupt_drops_queued_speech_within_one_frame(time_source):
+    animator = ToneAnimator(delay=0.002)
+    before, after, depth = asyncio.run(speak_then_interrupt(time_source(), animator))
+    assert not any(f.audio.any() for f in after)       # the very next frame is already silent
+    assert after[0].pts == before[-1].pts + 1           # and it came in the next slot
+    assert animator.resets == 1
+
+
+def test_engine_error_ends_the_session_with_it():
+    class Broken(ToneAnimator):
+        def push(self, chunk):
+            raise ValueError("engine broke")
+
+    async def main():
+        await Session(Broken(), time_source=FakeTime()).run(TTSSource("Hi."))
+
+    with pytest.raises(ValueError, match="engine broke"):
+        asyncio.run(main())
+
+
+def test_metrics_measure_latency_and_rate():
+    async def tone():
+        yield np.full(SAMPLE_RATE, 0.1, np.float32), SAMPLE_RATE
+
+    s = asyncio.run(Session(ToneAnimator(), time_source=FakeTime()).run(PcmSource(tone())))
+    assert s["fps"] == 25.0 and s["frames"] >= 25 and s["repeats"] == 0
+    assert s["first_audio_to_frame_ms"] is not None and s["latency_p95_ms"] >= s["latency_p50_ms"]
+    assert set(s["queue_depth_max"]) == {"input", "worker", "output"}
+
+
+def test_sentences():
+    assert sentences("Hello there. How are you? Fine!  ") == ["Hello there.", "How are you?", "Fine!"]
+
+
+def test_tts_speaks_before_the_whole_text_is_synthesised():
+    made = []
+
+    async def engine(text, voice, speed):             # espeak-ng, counting the sentences it has made
+        async for pcm, rate in espeak_pcm(text, voice, speed):
+            made.append(len(pcm))
+            yield pcm, rate
+
+    async def main():
+        chunks, made_at_first = [], None
+        async for c in TTSSource("The first sentence is here. And then a second one. And a third.", engine=engine):
+            made_at_first = len(made) if made_at_first is None else made_at_first
+            chunks.append(c.samples)
+        return chunks, made_at_first
+
+    chunks, made_at_first = asyncio.run(main())
+    assert made_at_first == 1 and len(made) == 3
+    speech = [c for c in chunks if len(c) > 0.3 * SAMPLE_RATE]    # the last is the resampler's tail
+    assert len(speech) == 3
+    for c in speech:
+        assert c.dtype == np.float32 and np.sqrt(np.mean(c ** 2)) > 0.01
+
+
+def test_pcm_adapter_resamples_any_rate():
+    async def gen():
+        for _ in range(3):
+            yield (np.sin(np.arange(4800) / 48000 * 2 * np.pi * 300) * 20000).astype(np.int16), 48000
+
+    async def main():
+        return [c async for c in PcmSource(gen())]
+
+    chunks = asyncio.run(main())
+    assert abs(sum(len(c.samples) for c in chunks) - 4800) <= 2
+    assert [c.pts for c in chunks] == list(np.cumsum([0] + [len(c.samples) for c in chunks[:-1]]))
+    assert 0.5 < np.abs(np.concatenate([c.samples for c in chunks])).max() < 0.7
+
+
+def test_readme_api_example(tmp_path):
+    """The README's embedding example, verbatim but for the engine and the display."""
+    from streaming.session import Session
+    shown = []
+
+    def show(image, audio):
+        shown.append((image.shape, audio.shape))
+
+    async def main(animator):
+        async with Session(animator) as avatar:          # idles (silence) until audio is pushed
+            avatar.push(np.zeros(48000, np.float32), rate=48000)   # any rate; chunks or whole utterances
+            async for frame in avatar.frames():          # AvFrame: image (H, W, 3) uint8, audio (640,) float32
+                show(frame.image, frame.audio)
+                if frame.pts == 10:
+                    avatar.interrupt()                   # stop talking now
+                if frame.pts == 20:
+                    break
+
+    asyncio.run(main(ToneAnimator()))
+    assert shown[0] == ((64, 64, 3), (640,)) and len(shown) >= 20

@@ -1,0 +1,113 @@
+"""The WebRTC sink against real aiortc peers in one process (loopback, no browser)."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+pytest.importorskip("aiortc")
+
+from avatar.timebase import SAMPLES_PER_FRAME, AvFrame  # noqa: E402
+from streaming.session import Session  # noqa: E402
+from streaming.testing import ToneAnimator, decode_pts  # noqa: E402
+from streaming.webrtc import WebRTCOptions, WebRTCSink  # noqa: E402
+
+TONE = (0.5 * np.sin(2 * np.pi * 1000 * np.arange(SAMPLES_PER_FRAME) / 16000)).astype(np.float32)
+
+
+class MarkedAnimator(ToneAnimator):
+    """Frames whose number is a multiple of 25 carry a 1 kHz tone, all others silence: the receiver can
+    find each marked frame in the video (its bars) and in the audio (the tone's onset)."""
+
+    def _emit(self):
+        return [AvFrame(f.image, TONE if f.pts % 25 == 0 else 0 * f.audio, f.pts, f.pushed_at, f.produced_at)
+                for f in super()._emit()]
+
+
+async def receiver(sink: WebRTCSink):
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+    pc = RTCPeerConnection()
+    got = {"video": [], "audio": []}
+    done = asyncio.Event()
+
+    async def pull(track):
+        while True:
+            f = await track.recv()
+            got[track.kind].append(f)
+
+    pc.on("track", lambda t: asyncio.ensure_future(pull(t)))
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    _, answer = await sink.connect(pc.localDescription.sdp)
+    await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+    return pc, got, answer, done
+
+
+def check_sync(got, n: int):
+    """Video: frame numbers in order, RTP time = frame slot. Audio: each tone onset lands within one frame
+    of the video frame that carries it, both on their own RTP timelines from the first frame received."""
+    video = got["video"][:n]
+    shown = [decode_pts(f.to_ndarray(format="rgb24")) for f in video]
+    assert all(b >= a for a, b in zip(shown, shown[1:])), shown
+    ts = [f.pts for f in video]
+    assert all(b > a for a, b in zip(ts, ts[1:])) and all((t - ts[0]) % 3600 == 0 for t in ts)
+    audio = got["audio"]
+    assert all(b.pts - a.pts == a.samples for a, b in zip(audio, audio[1:]))      # no gaps
+    x = np.concatenate([f.to_ndarray().reshape(-1, 2)[:, 0] for f in audio]).astype(np.float32) / 32768
+    loud = np.abs(x) > 0.1
+    count = np.concatenate([[0], np.cumsum(loud)])          # loud samples before each index
+    i = np.flatnonzero(loud)
+    onsets = i[count[i] - count[np.maximum(i - 480, 0)] == 0]   # loud after 10 ms of quiet
+    t_audio = onsets / 48000
+    marks = {}
+    for p, t in zip(shown, ts):
+        if p % 25 == 0 and p not in marks:
+            marks[p] = (t - ts[0]) / 90000
+    assert len(marks) >= 2, shown
+    for t_video in marks.values():
+        if t_video * 48000 < len(x) - 2000:
+            assert np.min(np.abs(t_audio - t_video)) < 1 / 25, (t_video, t_audio)
+
+
+def test_two_viewers_get_frames_in_sync():
+    async def main():
+        sink = WebRTCSink(WebRTCOptions(port_range=(40100, 40160)))
+        async with Session(MarkedAnimator(size=64), [sink]):
+            peers = [await receiver(sink) for _ in range(2)]
+            assert len(sink.viewers) == 2
+            n = 80
+            for _ in range(300):
+                if all(len(g["video"]) >= n and len(g["audio"]) >= n * 2 for _, g, _, _ in peers):
+                    break
+                await asyncio.sleep(0.1)
+            for pc, got, answer, _ in peers:
+                ports = [int(line.split()[5]) for line in answer.splitlines() if line.startswith("a=candidate")]
+                assert ports and all(40100 <= p <= 40160 for p in ports), ports
+                check_sync(got, n)
+                await pc.close()
+            for _ in range(50):                      # the sink notices the peers left and frees them
+                if not sink.viewers:
+                    break
+                await asyncio.sleep(0.1)
+            assert not sink.viewers
+    asyncio.run(main())
+
+
+def test_codec_choice_and_viewer_limit():
+    async def main():
+        from aiortc import RTCPeerConnection
+        sink = WebRTCSink(WebRTCOptions(codec="h264", bitrate=800_000, max_viewers=1))
+        pc = RTCPeerConnection()
+        pc.addTransceiver("video", direction="recvonly")
+        pc.addTransceiver("audio", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        _, answer = await sink.connect(pc.localDescription.sdp)
+        assert "H264/90000" in answer and "VP8/90000" not in answer
+        with pytest.raises(Exception, match="too many viewers"):
+            await sink.connect(pc.localDescription.sdp)
+        await sink.aclose()
+        await pc.close()
+        assert not sink.viewers
+    asyncio.run(main())
