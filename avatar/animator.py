@@ -51,7 +51,7 @@ class StreamingAnimator:
         self.controls = controls
         self.features = StreamingFeatures(models.hubert, models.stage2.dims.audio, block=config.hop,
                                           context=config.audio_context, lookahead=config.lookahead,
-                                          normalize=config.normalize)
+                                          normalize=config.normalize, lookahead_rows=True)
         self.motion = MotionStream(models.stage2, code.wa, code.alpha0, MotionConfig(
             hop=config.hop, context=config.context, lookahead=config.lookahead, steps=config.steps,
             continuity=config.continuity, seed=config.seed))

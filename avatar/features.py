@@ -84,7 +84,8 @@ class StreamingFeatures:
     """
 
     def __init__(self, frontend: HubertFrontend | None, audio: str = "hubert", block: int = 10,
-                 context: int = 25, lookahead: int = 5, normalize: str = "running"):
+                 context: int = 25, lookahead: int = 5, normalize: str = "running",
+                 lookahead_rows: bool = False):
         if audio not in ROWS_PER_FRAME:
             raise AnitalkerError(f"unknown audio features {audio!r}; use hubert or mfcc")
         if normalize not in NORMALIZE:
@@ -96,6 +97,9 @@ class StreamingFeatures:
             raise AnitalkerError("hubert features need a HuBERT frontend (load_hubert)")
         self.audio, self.block, self.context, self.lookahead = audio, block, context, lookahead
         self.normalize = normalize
+        # also return the rows of the lookahead frames, computed in the same window: provisional features
+        # (less right context than they will have as part of the next block) for a motion window's lookahead
+        self.lookahead_rows = lookahead_rows
         self._raw = None
         if audio == "hubert":
             if not frontend.do_normalize:
@@ -169,7 +173,8 @@ class StreamingFeatures:
                 end = min(start + self.block, total)
                 stop = min(end + self.lookahead, total)
                 last = min(stop * SAMPLES_PER_FRAME + tail, total * SAMPLES_PER_FRAME)
-            out.append((self._origin + start, self._compute(start, end, stop, last)))
+            upto = stop if self.lookahead_rows else end
+            out.append((self._origin + start, self._compute(start, upto, stop, last)))
             self._next, self.frames_done = end, self._origin + end
             # keep only what later windows can use: the next block's left context onwards
             drop = max(0, end - self.context) - self._audio_frame
@@ -178,7 +183,8 @@ class StreamingFeatures:
         return out
 
     def _compute(self, start: int, end: int, stop: int, last: int) -> torch.Tensor:
-        """Features of frames [start, end) from the samples [640 max(0, start - context), last)."""
+        """Features of frames [start, end) from the samples [640 max(0, start - context), last);
+        end <= stop, the window's end in frames."""
         first = max(0, start - self.context)
         x = self._samples_between(first * SAMPLES_PER_FRAME, last)
         rows, lo, hi = ROWS_PER_FRAME[self.audio], start - first, end - first

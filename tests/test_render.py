@@ -162,3 +162,13 @@ def test_speed_modes_stay_close_to_fp32(tiny_checkpoints, speech, tmp_path):
         # (NaN, black or garbage frames) is off by tens of levels
         assert np.abs(got - ref).mean() < 8.0, mode
         assert got.std() > 10
+
+
+def test_render_streaming_through_the_engine(tiny_checkpoints, speech, tmp_path):
+    out = tmp_path / "stream.mp4"
+    assert run("render", "--checkpoints", tiny_checkpoints, "--audio", speech, "-o", out, "--steps", "5",
+               "--streaming", "--hop", "8", "--lookahead", "3") == 0
+    info = read_video_info(out)
+    samples = len(load_audio(speech))
+    assert info["frames"] == -(-samples // 640)      # every sample shown: the last frame padded with silence
+    assert abs(info["audio_seconds"] - info["frames"] / 25) < 0.03
