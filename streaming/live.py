@@ -17,7 +17,7 @@ from . import sinks as S
 from .session import JITTER_FRAMES, Session
 from .sources import FileSource, MicSource, TTSSource
 
-OUTPUTS = "vcam, speaker, preview, file:PATH.mp4, null"
+OUTPUTS = "vcam, webrtc, speaker, preview, file:PATH.mp4, null"
 
 
 def add_live_parser(sub, animator_factory=None):
@@ -32,7 +32,20 @@ def add_live_parser(sub, animator_factory=None):
                      "a name or number from `anitalker devices`)")
     src.add_argument("--tts", metavar="TEXT", help="speak this text with espeak-ng")
     src.add_argument("--audio", metavar="FILE", help="play an audio file in real time")
-    p.add_argument("--to", default="vcam", metavar="OUT[,OUT]", help=f"outputs: {OUTPUTS} (default %(default)s)")
+    src.add_argument("--serve", action="store_true", help="a web page and a WebSocket API drive the avatar "
+                     "(text, the browser's microphone, PCM from other programs); implies --to webrtc")
+    p.add_argument("--to", metavar="OUT[,OUT]", help=f"outputs: {OUTPUTS} (default: webrtc with --serve, "
+                   "else vcam)")
+    w = p.add_argument_group("server and WebRTC (--serve, --to webrtc)")
+    w.add_argument("--host", default="127.0.0.1", help="address to serve on (default %(default)s; any other "
+                   "needs --token)")
+    w.add_argument("--port", type=int, default=8080, help="HTTP/WebSocket port (default %(default)s)")
+    w.add_argument("--token", help="secret the page and API must present (default $ANITALKER_TOKEN)")
+    w.add_argument("--codec", choices=("vp8", "h264"), help="video codec (default: the browser's choice)")
+    w.add_argument("--bitrate", type=int, metavar="BPS", help="video bitrate cap, bits/s")
+    w.add_argument("--ice-server", action="append", default=[], metavar="URL", help="stun:HOST:PORT or "
+                   "turn:USER:PASS@HOST:PORT, repeatable (default: none, host candidates only)")
+    w.add_argument("--udp-ports", metavar="LO-HI", help="UDP port range for WebRTC media (firewalls)")
     p.add_argument("--voice", metavar="V", help="espeak-ng voice for --tts (e.g. en-us, de)")
     p.add_argument("--speaker", metavar="DEVICE", help="output device for `--to speaker` (default device)")
     p.add_argument("--vcam-backend", help="pyvirtualcam backend (v4l2loopback, obs, unitycapture)")
@@ -66,6 +79,17 @@ def make_sinks(spec: str, args) -> list:
             sinks.append(S.PreviewSink())
         elif name == "null":
             sinks.append(S.NullSink())
+        elif name == "webrtc":
+            from .webrtc import WebRTCOptions, WebRTCSink
+            ports = None
+            if args.udp_ports:
+                try:
+                    ports = tuple(int(v) for v in args.udp_ports.split("-"))
+                    assert len(ports) == 2
+                except (ValueError, AssertionError):
+                    raise AnitalkerError(f"--udp-ports takes LO-HI, got {args.udp_ports!r}") from None
+            sinks.append(WebRTCSink(WebRTCOptions(codec=args.codec, bitrate=args.bitrate, port_range=ports,
+                                                  ice_servers=tuple(args.ice_server))))
         else:
             raise AnitalkerError(f"unknown output {item!r}; use {OUTPUTS}")
     if speaker is not None:             # opened first, so the camera can wait as long as the voice does
@@ -81,6 +105,8 @@ def _device(text):
 
 
 def make_source(args):
+    if args.serve:
+        return None                     # the server's clients push audio
     if args.audio:
         return FileSource(args.audio)
     if args.tts:
@@ -89,6 +115,12 @@ def make_source(args):
 
 
 def cmd_live(args, animator_factory=None, time_source=None) -> int:
+    args.to = args.to or ("webrtc" if args.serve else "vcam")
+    if args.serve and "webrtc" not in args.to.split(","):
+        args.to += ",webrtc"
+    if "webrtc" in args.to.split(","):
+        from .server import check_bind
+        args.token = check_bind(args.host, args.token)
     sinks = make_sinks(args.to, args)       # preflight before the (slow) model load
     source = make_source(args)
     if args.test_pattern:
@@ -123,10 +155,19 @@ async def _run(session: Session, source, args) -> dict:
             print(session.metrics.line(session.clock), file=sys.stderr)
 
     reporter = asyncio.create_task(report())
+    server = None
+    webrtc = [s for s in session.clock.sinks if type(s).__name__ == "WebRTCSink"]
+    if webrtc:                            # the page is how viewers (and --serve's clients) connect
+        from .server import AvatarServer
+        server = await AvatarServer(session, webrtc[0], host=args.host, port=args.port, token=args.token,
+                                    voice=args.voice).start()
+        print(f"open {server.url}", file=sys.stderr)
     try:
         summary = await session.run(source)
     finally:
         reporter.cancel()
+        if server is not None:
+            await server.aclose()
     return summary
 
 

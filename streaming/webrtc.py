@@ -15,14 +15,21 @@ import random
 from dataclasses import dataclass
 from fractions import Fraction
 
+import av
 import numpy as np
 
 from avatar.timebase import FPS, SAMPLE_RATE
 from models.errors import AnitalkerError
 
+try:
+    from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+    from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+except ImportError:      # this module is imported only when WebRTC is asked for: say what to install
+    raise AnitalkerError("aiortc is not installed: pip install 'anitalker-live[webrtc]'") from None
+
 log = logging.getLogger(__name__)
 VIDEO_CLOCK = 90000
-QUEUE_FRAMES = 25          # per viewer and track: a stalled peer loses its oldest second, memory stays bounded
+QUEUE_FRAMES = 25          # per viewer: a stalled peer loses its oldest second, memory stays bounded
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,6 @@ class WebRTCOptions:
 def ice_servers(urls) -> list:
     """RTCIceServer objects; credentials ride in the URL (USER:PASS@). No default STUN: without network a
     STUN server that never answers only delays every negotiation. aioice uses the first STUN and first TURN."""
-    from aiortc import RTCIceServer
     out = []
     for url in urls:
         scheme, _, rest = url.partition(":")
@@ -77,42 +83,39 @@ def set_bitrate(bps: int) -> None:
         codec.MIN_BITRATE = min(codec.MIN_BITRATE, int(bps))
 
 
-def _track(kind: str):
-    from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+class QueueTrack(MediaStreamTrack):
+    """Frames queued by the sink, handed to aiortc's sender as it asks for them (no pacing here)."""
 
-    class QueueTrack(MediaStreamTrack):
-        """Frames queued by the sink, handed to aiortc's sender as it asks for them (no pacing here)."""
+    def __init__(self, kind: str, maxlen: int):
+        super().__init__()
+        self.kind = kind
+        self.q = collections.deque(maxlen=maxlen)
+        self.ready = asyncio.Event()
+        self.dropped = 0
 
-        def __init__(self):
-            super().__init__()
-            self.kind = kind
-            self.q = collections.deque(maxlen=QUEUE_FRAMES)
-            self.ready = asyncio.Event()
-            self.dropped = 0
+    def put(self, frame) -> None:
+        self.dropped += len(self.q) == self.q.maxlen
+        self.q.append(frame)
+        self.ready.set()
 
-        def put(self, frame) -> None:
-            self.dropped += len(self.q) == self.q.maxlen
-            self.q.append(frame)
-            self.ready.set()
+    async def recv(self):
+        while not self.q:
+            if self.readyState != "live":
+                raise MediaStreamError
+            self.ready.clear()
+            await self.ready.wait()
+        return self.q.popleft()
 
-        async def recv(self):
-            while not self.q:
-                if self.readyState != "live":
-                    raise MediaStreamError
-                self.ready.clear()
-                await self.ready.wait()
-            return self.q.popleft()
-
-        def stop(self) -> None:
-            super().stop()
-            self.ready.set()          # wake recv() so it ends
-
-    return QueueTrack()
+    def stop(self) -> None:
+        super().stop()
+        self.ready.set()          # wake recv() so it ends
 
 
 class Viewer:
     def __init__(self, pc):
-        self.pc, self.video, self.audio, self.pump = pc, _track("video"), _track("audio"), None
+        self.pc, self.pump = pc, None
+        self.video = QueueTrack("video", QUEUE_FRAMES)
+        self.audio = QueueTrack("audio", 2 * QUEUE_FRAMES)        # 20 ms frames
 
 
 class WebRTCSink:
@@ -121,7 +124,7 @@ class WebRTCSink:
     def __init__(self, options: WebRTCOptions = WebRTCOptions()):
         self.options = options
         self.viewers: dict = {}             # RTCPeerConnection -> Viewer
-        self._ice = ice_servers(options.ice_servers)
+        self.ice = ice_servers(options.ice_servers)
         if options.codec not in (None, "vp8", "h264"):
             raise AnitalkerError(f"unknown WebRTC codec {options.codec!r}; use vp8 or h264")
         if options.bitrate:
@@ -134,25 +137,27 @@ class WebRTCSink:
         live = [v for v in self.viewers.values() if v.pc.connectionState == "connected"]
         if not live:
             return
-        import av
-        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame.image), format="rgb24")
-        vf.pts, vf.time_base = frame.pts * (VIDEO_CLOCK // FPS), Fraction(1, VIDEO_CLOCK)
+        image = np.ascontiguousarray(frame.image)
         pcm = (np.clip(frame.audio, -1, 1) * 32767).astype("<i2")[None]
-        af = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
-        af.sample_rate, af.pts, af.time_base = SAMPLE_RATE, frame.pts * len(frame.audio), Fraction(1, SAMPLE_RATE)
-        for v in live:                       # encoders only read the frames, so viewers share them
+        for v in live:     # a frame each: PyAV frames keep conversion state, and encoders run on threads
+            vf = av.VideoFrame.from_ndarray(image, format="rgb24")
+            vf.pts, vf.time_base = frame.pts * (VIDEO_CLOCK // FPS), Fraction(1, VIDEO_CLOCK)
             v.video.put(vf)
-            v.audio.put(af)
+            # aiortc stamps each audio frame's Opus packets with one timestamp: hand it 20 ms at a time
+            for i in (0, 320):
+                af = av.AudioFrame.from_ndarray(pcm[:, i:i + 320], format="s16", layout="mono")
+                af.sample_rate, af.pts = SAMPLE_RATE, frame.pts * len(frame.audio) + i
+                af.time_base = Fraction(1, SAMPLE_RATE)
+                v.audio.put(af)
 
     async def connect(self, offer_sdp: str, on_audio=None):
         """Answer a browser's offer (video + audio m-lines). on_audio(pcm (N,) float32, rate), if given, gets
         the audio the peer sends (its microphone). Returns (pc, answer_sdp)."""
-        from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
         if len(self.viewers) >= self.options.max_viewers:
             raise AnitalkerError(f"too many viewers (at most {self.options.max_viewers})")
         if self.options.port_range:
             use_port_range(asyncio.get_running_loop(), *self.options.port_range)
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice))
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ice))
         viewer = self.viewers[pc] = Viewer(pc)
 
         @pc.on("connectionstatechange")
@@ -166,15 +171,14 @@ class WebRTCSink:
                 viewer.pump = asyncio.ensure_future(_pump(track, on_audio))
 
         try:
-            await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
-            for track in (viewer.video, viewer.audio):
-                pc.addTrack(track)
+            # transceivers made before the offer is applied take its m-lines, codec preferences included
+            video = pc.addTransceiver(viewer.video, direction="sendonly")
+            pc.addTransceiver(viewer.audio, direction="sendrecv")      # recv: the browser's microphone
             if self.options.codec:
                 mime = "video/" + self.options.codec
-                for t in pc.getTransceivers():
-                    if t.kind == "video":
-                        caps = RTCRtpSender.getCapabilities("video").codecs
-                        t.setCodecPreferences([c for c in caps if c.mimeType.lower() in (mime, "video/rtx")])
+                caps = RTCRtpSender.getCapabilities("video").codecs
+                video.setCodecPreferences([c for c in caps if c.mimeType.lower() in (mime, "video/rtx")])
+            await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
             await pc.setLocalDescription(await pc.createAnswer())   # gathers all candidates (no trickle)
         except Exception as e:
             await self.disconnect(pc)
@@ -197,7 +201,6 @@ class WebRTCSink:
 
 
 async def _pump(track, on_audio) -> None:
-    from aiortc.mediastreams import MediaStreamError
     while True:
         try:
             frame = await track.recv()

@@ -102,3 +102,21 @@ def test_controls_change_between_hops(engine):
 def test_latency_is_stated(engine):
     animator = StreamingAnimator(*engine, StreamConfig(hop=8, lookahead=4))
     assert animator.latency_frames == 13 and abs(animator.latency_s - 0.52) < 1e-9
+
+
+def test_live_command_with_the_real_engine(tiny_checkpoints, tmp_path, capsys):
+    """`anitalker live --audio F --to file:` through the session, the clock and the tiny models."""
+    from avatar.media import read_video_info
+    from streaming.cli import build_parser, make_live_animator
+    from streaming.clock import FakeTime
+    from streaming.live import cmd_live
+    from test_render import write_wav
+
+    wav, out = write_wav(tmp_path / "a.wav", tone(1.0)), tmp_path / "live.mp4"
+    args = build_parser().parse_args(["live", "--checkpoints", str(tiny_checkpoints), "--audio", str(wav),
+                                      "--to", f"file:{out}", "--metrics-every", "0", "--steps", "5"])
+    assert cmd_live(args, make_live_animator, time_source=FakeTime()) == 0
+    err = capsys.readouterr().err
+    assert "configured latency" in err and "metrics:" in err
+    info = read_video_info(out)
+    assert info["frames"] >= 25 and (info["width"], info["height"]) == (256, 256)

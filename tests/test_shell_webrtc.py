@@ -11,7 +11,7 @@ pytest.importorskip("aiortc")
 from avatar.timebase import SAMPLES_PER_FRAME, AvFrame  # noqa: E402
 from streaming.session import Session  # noqa: E402
 from streaming.testing import ToneAnimator, decode_pts  # noqa: E402
-from streaming.webrtc import WebRTCOptions, WebRTCSink  # noqa: E402
+from streaming.webrtc import WebRTCOptions, WebRTCSink, ice_servers  # noqa: E402
 
 TONE = (0.5 * np.sin(2 * np.pi * 1000 * np.arange(SAMPLES_PER_FRAME) / 16000)).astype(np.float32)
 
@@ -29,12 +29,14 @@ async def receiver(sink: WebRTCSink):
     from aiortc import RTCPeerConnection, RTCSessionDescription
     pc = RTCPeerConnection()
     got = {"video": [], "audio": []}
-    done = asyncio.Event()
 
     async def pull(track):
-        while True:
-            f = await track.recv()
-            got[track.kind].append(f)
+        from aiortc.mediastreams import MediaStreamError
+        try:
+            while True:
+                got[track.kind].append(await track.recv())
+        except MediaStreamError:          # the connection closed
+            pass
 
     pc.on("track", lambda t: asyncio.ensure_future(pull(t)))
     pc.addTransceiver("video", direction="recvonly")
@@ -42,7 +44,7 @@ async def receiver(sink: WebRTCSink):
     await pc.setLocalDescription(await pc.createOffer())
     _, answer = await sink.connect(pc.localDescription.sdp)
     await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
-    return pc, got, answer, done
+    return pc, got, answer
 
 
 def check_sync(got, n: int):
@@ -74,15 +76,15 @@ def check_sync(got, n: int):
 def test_two_viewers_get_frames_in_sync():
     async def main():
         sink = WebRTCSink(WebRTCOptions(port_range=(40100, 40160)))
-        async with Session(MarkedAnimator(size=64), [sink]):
+        async with Session(MarkedAnimator(size=128), [sink]):
             peers = [await receiver(sink) for _ in range(2)]
             assert len(sink.viewers) == 2
             n = 80
             for _ in range(300):
-                if all(len(g["video"]) >= n and len(g["audio"]) >= n * 2 for _, g, _, _ in peers):
+                if all(len(g["video"]) >= n and sum(f.samples for f in g["audio"]) >= n * 1920 for _, g, _ in peers):
                     break
                 await asyncio.sleep(0.1)
-            for pc, got, answer, _ in peers:
+            for pc, got, answer in peers:
                 ports = [int(line.split()[5]) for line in answer.splitlines() if line.startswith("a=candidate")]
                 assert ports and all(40100 <= p <= 40160 for p in ports), ports
                 check_sync(got, n)
@@ -95,7 +97,12 @@ def test_two_viewers_get_frames_in_sync():
     asyncio.run(main())
 
 
-def test_codec_choice_and_viewer_limit():
+def test_codec_choice_and_viewer_limit(monkeypatch):
+    from aiortc.codecs import h264, vpx
+    for codec in (vpx, h264):            # the bitrate setting is process-wide: restore it afterwards
+        for name in ("DEFAULT_BITRATE", "MIN_BITRATE", "MAX_BITRATE"):
+            monkeypatch.setattr(codec, name, getattr(codec, name))
+
     async def main():
         from aiortc import RTCPeerConnection
         sink = WebRTCSink(WebRTCOptions(codec="h264", bitrate=800_000, max_viewers=1))
@@ -105,9 +112,18 @@ def test_codec_choice_and_viewer_limit():
         await pc.setLocalDescription(await pc.createOffer())
         _, answer = await sink.connect(pc.localDescription.sdp)
         assert "H264/90000" in answer and "VP8/90000" not in answer
+        assert h264.MAX_BITRATE == 800_000
         with pytest.raises(Exception, match="too many viewers"):
             await sink.connect(pc.localDescription.sdp)
         await sink.aclose()
         await pc.close()
         assert not sink.viewers
     asyncio.run(main())
+
+
+def test_ice_server_urls():
+    stun, turn = ice_servers(["stun:stun.example.org:3478", "turn:me:p@ss:w@turn.example.org:3478?transport=tcp"])
+    assert (stun.urls, stun.username, stun.credential) == ("stun:stun.example.org:3478", None, None)
+    assert (turn.urls, turn.username, turn.credential) == ("turn:turn.example.org:3478?transport=tcp", "me", "p@ss:w")
+    with pytest.raises(Exception, match="bad ICE server"):
+        ice_servers(["http://example.org"])

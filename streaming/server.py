@@ -1,0 +1,210 @@
+"""The avatar's server: one `websockets` server for the page (plain HTTP GET) and one WebSocket API.
+
+One session, one avatar: every client drives the same Session and every viewer sees it. GET / serves the
+page (streaming/static, no build step). /ws speaks JSON text messages, each {"op": ...}, plus binary PCM:
+
+    -> {"op": "offer", "sdp": S}                      <- {"op": "answer", "sdp": S}  (WebRTC video + audio;
+                                                         a sendrecv audio m-line carries the browser's mic)
+    -> {"op": "audio", "rate": 48000, "format": "s16"|"f32"}   then binary messages: mono little-endian PCM
+    -> {"op": "say", "text": T}                       (TTS, one sentence at a time)
+    -> {"op": "interrupt"}
+    -> {"op": "pose", "yaw": deg, "pitch": deg, "roll": deg}   (all null: predicted from speech)
+    -> {"op": "stats", ...}                           (the page's getStats figures, kept per client)
+    <- {"op": "config", "ice_servers": [...]}  once;  <- {"op": "metrics", ...} every second
+    <- {"op": "error", "error": why}                  for a bad message; the connection and session go on
+
+Bounds: 1 MiB per message, max_clients connections; a client that leaves takes its peer connection along.
+Binding an address other than loopback needs a token (?token= on /ws); browsers must come from the
+page's own origin, so another web site cannot drive a local server.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from models.errors import AnitalkerError
+
+from .sources import TTSSource, espeak_pcm
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+PAGES = {"/": ("index.html", "text/html"), "/app.js": ("app.js", "text/javascript")}
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_MESSAGE = 1 << 20
+MAX_TEXT = 5000
+
+
+def check_bind(host: str, token: str | None) -> str | None:
+    """The token to require: --token, else $ANITALKER_TOKEN; refuse a non-loopback address without one."""
+    token = token or os.environ.get("ANITALKER_TOKEN") or None
+    if host not in LOOPBACK and not token:
+        raise AnitalkerError(f"refusing to serve on {host} without a token: pass --token or set ANITALKER_TOKEN")
+    return token
+
+
+class Client:
+    def __init__(self, ws):
+        self.ws, self.pc, self.rate, self.format, self.stats = ws, None, None, None, {}
+
+
+class AvatarServer:
+    def __init__(self, session, sink, *, host: str = "127.0.0.1", port: int = 8080, token: str | None = None,
+                 max_clients: int = 8, tts=espeak_pcm, voice: str | None = None):
+        self.session, self.sink, self.host, self.port = session, sink, host, port
+        self.token = check_bind(host, token)
+        self.max_clients, self.tts, self.voice = max_clients, tts, voice
+        self.clients: set[Client] = set()
+        self._speech: set[asyncio.Task] = set()
+        self._speech_lock = asyncio.Lock()
+        self._server = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/" + (f"?token={self.token}" if self.token else "")
+
+    async def start(self) -> AvatarServer:
+        from websockets.asyncio.server import serve
+        self._server = await serve(self._client, self.host, self.port, process_request=self._http,
+                                   max_size=MAX_MESSAGE, max_queue=16)
+        self.port = self._server.sockets[0].getsockname()[1]       # port 0: the one the OS chose
+        return self
+
+    async def aclose(self) -> None:
+        for task in list(self._speech):
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def __aenter__(self):
+        return await self.start()
+
+    async def __aexit__(self, *exc):
+        await self.aclose()
+
+    # ---- HTTP: the page, and the checks before a WebSocket is accepted ------------------------------
+    def _http(self, connection, request):
+        url = urlsplit(request.path)
+        if url.path in PAGES:
+            name, kind = PAGES[url.path]
+            response = connection.respond(200, (STATIC / name).read_text())
+            response.headers["Content-Type"] = kind + "; charset=utf-8"
+            response.headers["Cache-Control"] = "no-store"
+            return response
+        if url.path != "/ws":
+            return connection.respond(404, "not found\n")
+        origin = request.headers.get("Origin")
+        if origin and urlsplit(origin).netloc != request.headers.get("Host"):
+            return connection.respond(403, "cross-origin WebSocket refused\n")
+        given = parse_qs(url.query).get("token", [""])[0]
+        if self.token and not hmac.compare_digest(given.encode(), self.token.encode()):
+            return connection.respond(401, "bad or missing token\n")
+        if len(self.clients) >= self.max_clients:
+            return connection.respond(503, "too many clients\n")
+        return None
+
+    # ---- one WebSocket client -----------------------------------------------------------------------
+    async def _client(self, ws) -> None:
+        client = Client(ws)
+        self.clients.add(client)
+        ticker = asyncio.create_task(self._metrics(ws))
+        try:
+            ice = [{k: v for k, v in (("urls", s.urls), ("username", s.username), ("credential", s.credential))
+                    if v} for s in self.sink.ice]
+            await ws.send(json.dumps({"op": "config", "ice_servers": ice}))
+            async for message in ws:
+                try:
+                    if isinstance(message, bytes):
+                        self._pcm(client, message)
+                    else:
+                        await self._command(client, json.loads(message))
+                except Exception as e:      # a bad message costs its sender an error reply, nothing more
+                    log.debug("bad message", exc_info=True)
+                    await ws.send(json.dumps({"op": "error", "error": str(e) or type(e).__name__}))
+        finally:
+            ticker.cancel()
+            self.clients.discard(client)
+            if client.pc is not None:
+                await self.sink.disconnect(client.pc)
+
+    async def _command(self, client: Client, msg) -> None:
+        op = msg.get("op") if isinstance(msg, dict) else None
+        if op == "offer":
+            if client.pc is not None:                   # a renegotiating page replaces its connection
+                await self.sink.disconnect(client.pc)
+                client.pc = None
+            client.pc, answer = await self.sink.connect(str(msg["sdp"]), on_audio=self._push)
+            await client.ws.send(json.dumps({"op": "answer", "sdp": answer}))
+        elif op == "audio":
+            rate, fmt = msg.get("rate"), msg.get("format", "s16")
+            if not isinstance(rate, int) or not 8000 <= rate <= 192000 or fmt not in ("s16", "f32"):
+                raise AnitalkerError('audio needs "rate" (int, 8000-192000) and "format" ("s16" or "f32")')
+            client.rate, client.format = rate, fmt
+        elif op == "say":
+            text = msg.get("text")
+            if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
+                raise AnitalkerError(f'say needs "text": 1 to {MAX_TEXT} characters')
+            task = asyncio.create_task(self._say(text, client.ws))
+            self._speech.add(task)
+            task.add_done_callback(self._speech.discard)
+        elif op == "interrupt":
+            for task in list(self._speech):
+                task.cancel()
+            self.session.interrupt()
+        elif op == "pose":
+            self._pose(msg)
+        elif op == "stats":
+            client.stats = {k: v for k, v in msg.items() if k != "op"}
+        else:
+            raise AnitalkerError(f"unknown op {op!r}; use offer, audio, say, interrupt, pose or stats")
+
+    def _pcm(self, client: Client, data: bytes) -> None:
+        if client.rate is None:
+            raise AnitalkerError('send {"op": "audio", "rate": R, "format": "s16"|"f32"} before binary PCM')
+        dtype = np.dtype("<i2" if client.format == "s16" else "<f4")
+        if len(data) % dtype.itemsize:
+            raise AnitalkerError(f"binary PCM length {len(data)} is not a multiple of {dtype.itemsize} bytes")
+        x = np.frombuffer(data, dtype)
+        x = x / np.float32(32768) if client.format == "s16" else np.nan_to_num(np.clip(x, -1, 1))
+        self._push(x, client.rate)
+
+    def _push(self, pcm, rate: int) -> None:
+        self.session.push(pcm, rate)        # raises when the input queue is full: the sender hears why
+
+    async def _say(self, text: str, ws) -> None:
+        async with self._speech_lock:       # texts are spoken in the order they came
+            try:
+                async for chunk in TTSSource(text, voice=self.voice, engine=self.tts):
+                    self._push(chunk.samples, 16000)
+            except AnitalkerError as e:
+                await ws.send(json.dumps({"op": "error", "error": str(e)}))
+
+    def _pose(self, msg) -> None:
+        animator = self.session.animator
+        if not hasattr(animator, "set_controls"):
+            raise AnitalkerError("this animator has no head-pose control")
+        from dataclasses import replace
+        axes = [msg.get(k) for k in ("yaw", "pitch", "roll")]
+        if all(a is None for a in axes):
+            pose = None
+        else:       # degrees, normalised as the model was trained (/90, within [-1, 1])
+            pose = np.clip(np.array([float(a or 0) for a in axes], np.float32) / 90, -1, 1)
+        animator.set_controls(replace(animator.controls, pose=pose))   # taken up from the next hop
+
+    async def _metrics(self, ws) -> None:
+        from websockets.exceptions import ConnectionClosed
+        while True:
+            await asyncio.sleep(1)
+            m = self.session.metrics.summary(self.session.clock)
+            m.update(op="metrics", viewers=len(self.sink.viewers), clients=len(self.clients))
+            try:
+                await ws.send(json.dumps(m, default=float))
+            except ConnectionClosed:
+                return
