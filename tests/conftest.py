@@ -55,6 +55,16 @@ def make_checkpoint_folder(folder: Path, infer_types=("hubert_audio_only",)) -> 
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run in milliseconds on one thread; a second OpenMP thread only adds spin-waits, which
+    cost whole seconds per test when the cores are shared with other work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> Path:
     return make_checkpoint_folder(tmp_path_factory.mktemp("ckpts"),

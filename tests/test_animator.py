@@ -12,13 +12,14 @@ from avatar.timebase import AudioChunk, frames_for_samples
 from conftest import tone
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoints):
-    torch.set_num_threads(1)   # tiny models: thread hand-offs cost more than they give
     models = load_models(tiny_checkpoints, "hubert_full_control", "cpu")
     code = encode_portrait(models, to_tensor(prepare_portrait(load_image(asset_path("portrait.jpg"))).image))
-    yield models, code
-    torch.set_num_threads(2)
+    return models, code
 
 
 def stream(engine, wave, chunk, config=StreamConfig(steps=5), controls_at=None, flush=True):

@@ -10,13 +10,7 @@ from models.frontend import HubertFrontend, hubert_model_input, mfcc_features, m
 from conftest import TINY, tone
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run in milliseconds on one thread; two threads on a shared, busy CPU spin-wait ~100x longer."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

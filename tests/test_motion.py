@@ -39,14 +39,7 @@ def stream_all(model, wa, alpha0, audio, cfg, frames=F, controls=lambda start: N
     return torch.cat(outs), outs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matrices: a second OpenMP thread only adds spin-waits, which cost whole seconds per test
-    # when the cores are shared with other work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

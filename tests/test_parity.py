@@ -37,8 +37,13 @@ def case_dirs() -> list[Path]:
 
 
 CASES = case_dirs()
-if not CASES:  # a missing fixture folder must fail loudly, not turn into zero tests
-    CASES = [DEFAULT_ROOT / "no-case-found"]
+
+
+def test_there_are_cases():
+    """A missing fixture folder must fail loudly, not turn into zero tests."""
+    assert CASES, f"no parity case directories: set PARITY_CASES or provide {DEFAULT_ROOT}/*/case.json"
+    for case in CASES:
+        assert (case / "case.json").is_file(), f"{case} has no case.json"
 
 
 def seed_of(case: Path) -> int:
