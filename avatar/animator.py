@@ -111,7 +111,8 @@ class StreamingAnimator:
 
     def _timed(self, stage, fn, *args):
         t0 = time.perf_counter()
-        out = fn(*args)
+        with self.models.autocast():      # bf16 mode runs HuBERT, the denoiser and the renderer in bf16
+            out = fn(*args)
         self.timings[stage] += time.perf_counter() - t0
         return out
 
@@ -153,8 +154,7 @@ class StreamingAnimator:
     def _render(self, start: int, codes: torch.Tensor) -> list[AvFrame]:
         frames = []
         for i in range(0, len(codes), self.batch):
-            with self.models.autocast():
-                imgs = self.models._render(self.code.wa, codes[i:i + self.batch], self.code.feats)
+            imgs = self.models._render(self.code.wa, codes[i:i + self.batch], self.code.feats)
             frames += list(to_uint8(imgs.float().cpu()))
         now = time.monotonic()
         out = []

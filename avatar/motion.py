@@ -171,7 +171,7 @@ class MotionStream:
         x_T = motion_noise(cfg.seed, lo, lo + n, self.alpha0.shape[-1]).to(self.wa.device)
         cond = self.stage2.condition(self.wa, hint, audio, **self._controls(controls, n))
         t1 = time.perf_counter()
-        denoise = lambda x, t: self.stage2.eps(cond, x, t)   # noqa: E731
+        denoise = lambda x, t: self.stage2.eps(cond, x, t).float()   # noqa: E731  (fp32 sampler under autocast)
         if "inpaint" in cfg.continuity and n_ctx:
             denoise = self._inpainting(denoise, context, x_T[:, :n_ctx])
         x0 = ddim_sample(denoise, x_T, self.schedule, on_step=self.on_step)
