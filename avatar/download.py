@@ -79,15 +79,10 @@ def download(folder=None, infer_types=(DEFAULT_INFER_TYPE,)) -> Path:
 
         folder.mkdir(parents=True, exist_ok=True)
         snapshot_download(HUB_REPO, local_dir=folder, allow_patterns=files)
-    except AnitalkerError:
-        raise
-    except OSError as e:
-        if isinstance(e, PermissionError):
-            raise AnitalkerError(f"cannot write to {folder}: {e}; choose another folder with --checkpoints")
-        raise AnitalkerError(f"download from {HUB_URL} failed ({type(e).__name__}); "
-                             f"{how_to_get(folder, files).replace('run `anitalker download` (or ', '(')}") from None
-    except Exception as e:  # network errors come in many types (httpx, hub errors)
-        raise AnitalkerError(f"download from {HUB_URL} failed ({type(e).__name__}: {str(e)[:200]}); "
+    except PermissionError as e:
+        raise AnitalkerError(f"cannot write to {folder}: {e}; choose another folder with --checkpoints") from None
+    except Exception as e:  # network errors come in many types (OSError, httpx, hub errors)
+        raise AnitalkerError(f"download from {HUB_URL} failed ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
                              f"fetch {', '.join(files)} by hand and put them in {folder}") from None
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:

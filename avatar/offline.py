@@ -42,17 +42,21 @@ def render_file_streaming(animator, original, box, audio_path, out_path, *, past
     wave = load_audio(audio_path)
     paste = PasteBack(original, box) if paste_back and box is not None else None
     step = 16 * chunk_ms
-    frames, audio = [], []
-    with tqdm(total=-(-len(wave) // 640), desc="stream", unit="frame", disable=not progress) as bar:
-        for i in range(0, len(wave) + 1, step):
-            out = animator.push(AudioChunk(wave[i:i + step], i)) if i < len(wave) else animator.flush()
-            for f in out:
-                frames.append(paste(f.image) if paste is not None else f.image)
-                audio.append(f.audio)
-            bar.update(len(out))
-    timings = Timings({k: v for k, v in animator.timings.items()})
-    with timings("encode"):
-        write_mp4(out_path, iter(frames), np.concatenate(audio))
+
+    def frames():  # written as they come, so a long file never sits in memory
+        with tqdm(total=-(-len(wave) // 640), desc="stream", unit="frame", disable=not progress) as bar:
+            for i in range(0, len(wave) + 1, step):
+                out = animator.push(AudioChunk(wave[i:i + step], i)) if i < len(wave) else animator.flush()
+                bar.update(len(out))
+                for f in out:
+                    yield paste(f.image) if paste is not None else f.image
+
+    # The frames carry exactly the wave's samples, padded with silence to whole frames: write_mp4 pads the
+    # same way, so the wave itself is the soundtrack.
+    t0 = time.perf_counter()
+    write_mp4(out_path, frames(), wave)
+    timings = Timings(dict(animator.timings))
+    timings.seconds["encode"] = time.perf_counter() - t0 - sum(animator.timings.values())
     return timings
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from models.errors import AnitalkerError
 
@@ -87,6 +87,15 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         return max(0, self.per_rank - self.skip)
+
+
+def epoch_loader(ds: Dataset, cfg, rt) -> tuple[EpochSampler, DataLoader]:
+    """This rank's sampler and loader for ``ds`` (cfg: batch_size, workers, seed; rt: rank, world, device).
+    A rank with fewer items than a batch keeps its last partial batch rather than train on nothing."""
+    sampler = EpochSampler(len(ds), cfg.seed, rt.rank, rt.world)
+    loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                        drop_last=sampler.per_rank >= cfg.batch_size, pin_memory=rt.device.type == "cuda")
+    return sampler, loader
 
 
 def _rng(seed: int, epoch: int, index: int) -> np.random.Generator:

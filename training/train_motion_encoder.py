@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.checkpoints import export_official, load_stage1
@@ -37,7 +36,7 @@ from models.stage1 import Stage1, Stage1Dims
 from .common import (CsvLog, autocast, autocast_dtype, load_training_state, mean_over_ranks, optimizer_to,
                      save_training_state, setup_runtime, sync_buffers, teardown)
 from .config import load_config, to_dict
-from .data import EpochSampler, FramePairs
+from .data import epoch_loader, FramePairs
 from .losses import (AAMSoftmax, Discriminator, VGG19Features, augment, club, club_likelihood_loss,
                      d_nonsaturating, g_nonsaturating, perceptual_loss)
 
@@ -170,9 +169,7 @@ def train(cfg: Stage1TrainConfig) -> dict:
         scaler_d.load_state_dict(resume["scaler_d"])
         step, epoch, done = int(resume["step"]), int(resume["epoch"]), int(resume["done"])
 
-    sampler = EpochSampler(len(ds), cfg.seed, rt.rank, rt.world)
-    loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                        drop_last=sampler.per_rank >= cfg.batch_size, pin_memory=rt.device.type == "cuda")
+    sampler, loader = epoch_loader(ds, cfg, rt)
     gmodel, dmodel = EncoderLoss(net, vgg, aam, cfg), DiscriminatorLoss(disc)
     if rt.distributed:
         ids = [rt.device.index] if rt.device.type == "cuda" else None

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.checkpoints import export_official, load_stage2
@@ -33,7 +32,7 @@ from models.stage2 import Stage2, Stage2Dims
 from .common import (CsvLog, EMA, ForwardProcess, autocast, autocast_dtype, load_training_state,
                      mean_over_ranks, optimizer_to, save_training_state, setup_runtime, sync_buffers, teardown)
 from .config import load_config, to_dict
-from .data import EpochSampler, MotionWindows
+from .data import epoch_loader, MotionWindows
 
 
 @dataclass(frozen=True)
@@ -126,9 +125,7 @@ def train(cfg: Stage2TrainConfig) -> dict:
         ema.shadow = {k: v.to(rt.device) for k, v in ema.shadow.items()}
 
     ds = MotionWindows(cfg.data, cfg.window, dims.audio, _controls(dims), cfg.seed)
-    sampler = EpochSampler(len(ds), cfg.seed, rt.rank, rt.world)
-    loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                        drop_last=sampler.per_rank >= cfg.batch_size, pin_memory=rt.device.type == "cuda")
+    sampler, loader = epoch_loader(ds, cfg, rt)
     model = DiffusionLoss(net, ForwardProcess(cfg.diffusion_steps, cfg.beta_start, cfg.beta_end),
                           cfg.control_weight)
     if rt.distributed:
