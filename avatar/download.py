@@ -67,6 +67,15 @@ def locate(folder, infer_type: str) -> tuple[Path, Path, Path | None]:
     return folder / STAGE1, stage2, hubert
 
 
+def locate_stage1(folder) -> Path:
+    """Path of stage1.ckpt alone (reenactment needs no stage-2 or HuBERT files), or one clear error."""
+    folder = Path(folder).expanduser() if folder else default_dir()
+    if not (folder / STAGE1).is_file():
+        raise AnitalkerError(f"the AniTalker checkpoints are not in {folder} (missing {STAGE1}): "
+                             + how_to_get(folder, [STAGE1]))
+    return folder / STAGE1
+
+
 def download(folder=None, infer_types=(DEFAULT_INFER_TYPE,)) -> Path:
     """Fetch the files for ``infer_types`` into ``folder`` with huggingface_hub (progress bars included)."""
     folder = Path(folder).expanduser() if folder else default_dir()

@@ -20,7 +20,7 @@ from models.sampler import ddim_sample, ddim_schedule
 from models.stage1 import Stage1
 from models.stage2 import Stage2
 
-from .download import DEFAULT_INFER_TYPE, locate
+from .download import DEFAULT_INFER_TYPE, locate, locate_stage1
 from .motion import motion_noise
 
 
@@ -79,8 +79,9 @@ class Speed:
 
 @dataclass
 class Models:
+    """stage2 is None when only stage 1 was loaded (reenactment needs no audio model)."""
     stage1: Stage1
-    stage2: Stage2
+    stage2: Stage2 | None
     hubert: HubertFrontend | None
     device: torch.device
     speed: Speed = Speed()
@@ -92,7 +93,7 @@ class Models:
 
     @property
     def infer_type(self) -> str:
-        return self.stage2.dims.infer_type
+        return self.stage2.dims.infer_type if self.stage2 is not None else STAGE1_ONLY
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.speed.precision == "bf16")
@@ -100,6 +101,7 @@ class Models:
     @torch.inference_mode()
     def features(self, wave: np.ndarray) -> tuple[torch.Tensor, int]:
         """Whole-utterance audio features as the model takes them, and the frame count F."""
+        require_stage2(self)
         if self.stage2.dims.audio == "hubert":
             with self.autocast():
                 states = self.hubert.states(wave)
@@ -109,10 +111,22 @@ class Models:
         return audio.to(self.device), frames
 
 
+STAGE1_ONLY = "stage1_only"     # Models.infer_type when no stage-2 model is loaded
+
+
+def require_stage2(models: Models) -> None:
+    if models.stage2 is None:
+        raise AnitalkerError("these models were loaded for reenactment only (stage 1); load them without "
+                             "stage1_only to drive the portrait with audio")
+
+
 def load_models(checkpoints: str | Path | None = None, infer_type: str = DEFAULT_INFER_TYPE,
-                device: str = "auto", speed: Speed = Speed()) -> Models:
-    """Load stage 1, the stage-2 file for ``infer_type`` and (for hubert types) HuBERT."""
+                device: str = "auto", speed: Speed = Speed(), *, stage1_only: bool = False) -> Models:
+    """Load stage 1, the stage-2 file for ``infer_type`` and (for hubert types) HuBERT.
+    stage1_only: stage 1 alone (reenactment), so stage-2 and HuBERT files need not exist."""
     dev = pick_device(device)
+    if stage1_only:
+        return Models(load_stage1(locate_stage1(checkpoints), dev), None, None, dev, speed)
     stage1_path, stage2_path, hubert_dir = locate(checkpoints, infer_type)
     stage2 = load_stage2(stage2_path, dev)
     if stage2.dims.infer_type != infer_type:
@@ -130,6 +144,7 @@ def encode_portrait(models: Models, image: torch.Tensor) -> PortraitCode:
 
 
 def check_controls(models: Models, controls: Controls) -> None:
+    require_stage2(models)
     kind = models.stage2.dims.control
     if controls.pose is not None and kind == "audio_only":
         raise AnitalkerError(f"the {models.infer_type} model has no pose control; use a pose_only or "

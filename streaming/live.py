@@ -34,6 +34,20 @@ def add_live_parser(sub, animator_factory=None):
     src.add_argument("--audio", metavar="FILE", help="play an audio file in real time")
     src.add_argument("--serve", action="store_true", help="a web page and a WebSocket API drive the avatar "
                      "(text, the browser's microphone, PCM from other programs); implies --to webrtc")
+    add_output_args(p)
+    p.add_argument("--voice", metavar="V", help="espeak-ng voice for --tts (e.g. en-us, de)")
+    p.add_argument("--lead-frames", type=int, help=f"frames fed ahead of the clock (default: the engine's "
+                   f"latency + {JITTER_FRAMES})")
+    p.add_argument("--test-pattern", action="store_true", help="no models: frames that show their number "
+                   "(checks devices and timing)")
+    p.set_defaults(func=lambda args: cmd_live(args, animator_factory))
+    d = sub.add_parser("devices", help="list microphones, speakers and virtual cameras, with what is missing")
+    d.set_defaults(func=cmd_devices)
+    return p, d
+
+
+def add_output_args(p) -> None:
+    """--to and what the outputs need (server, WebRTC, devices, metrics): shared by live and reenact."""
     p.add_argument("--to", metavar="OUT[,OUT]", help=f"outputs: {OUTPUTS} (default: webrtc with --serve, "
                    "else vcam)")
     w = p.add_argument_group("server and WebRTC (--serve, --to webrtc)")
@@ -46,21 +60,12 @@ def add_live_parser(sub, animator_factory=None):
     w.add_argument("--ice-server", action="append", default=[], metavar="URL", help="stun:HOST:PORT or "
                    "turn:USER:PASS@HOST:PORT, repeatable (default: none, host candidates only)")
     w.add_argument("--udp-ports", metavar="LO-HI", help="UDP port range for WebRTC media (firewalls)")
-    p.add_argument("--voice", metavar="V", help="espeak-ng voice for --tts (e.g. en-us, de)")
     p.add_argument("--speaker", metavar="DEVICE", help="output device for `--to speaker` (default device)")
     p.add_argument("--vcam-backend", help="pyvirtualcam backend (v4l2loopback, obs, unitycapture)")
     p.add_argument("--vcam-device", help="e.g. /dev/video10")
-    p.add_argument("--lead-frames", type=int, help=f"frames fed ahead of the clock (default: the engine's "
-                   f"latency + {JITTER_FRAMES})")
     p.add_argument("--metrics-every", type=float, default=5.0, metavar="S", help="print metrics every S "
                    "seconds (0: only at exit)")
     p.add_argument("--metrics-json", metavar="FILE", help="write the final metrics here")
-    p.add_argument("--test-pattern", action="store_true", help="no models: frames that show their number "
-                   "(checks devices and timing)")
-    p.set_defaults(func=lambda args: cmd_live(args, animator_factory))
-    d = sub.add_parser("devices", help="list microphones, speakers and virtual cameras, with what is missing")
-    d.set_defaults(func=cmd_devices)
-    return p, d
 
 
 def make_sinks(spec: str, args) -> list:
@@ -114,14 +119,19 @@ def make_source(args):
     return MicSource(_device(args.mic))
 
 
-def cmd_live(args, animator_factory=None, time_source=None) -> int:
+def prepare_outputs(args) -> list:
+    """The sinks of --to (default: webrtc with --serve, else vcam), checked before the (slow) model load."""
     args.to = args.to or ("webrtc" if args.serve else "vcam")
     if args.serve and "webrtc" not in args.to.split(","):
         args.to += ",webrtc"
     if "webrtc" in args.to.split(","):
         from .server import check_bind
         args.token = check_bind(args.host, args.token)
-    sinks = make_sinks(args.to, args)       # preflight before the (slow) model load
+    return make_sinks(args.to, args)
+
+
+def cmd_live(args, animator_factory=None, time_source=None) -> int:
+    sinks = prepare_outputs(args)
     source = make_source(args)
     if args.test_pattern:
         from .testing import ToneAnimator
@@ -130,19 +140,26 @@ def cmd_live(args, animator_factory=None, time_source=None) -> int:
         raise AnitalkerError("this build has no streaming engine yet; use --test-pattern")
     else:
         animator = animator_factory(args)
-    session = Session(animator, sinks, time_source=time_source, lead_frames=args.lead_frames)
-    engine = int(getattr(animator, "latency_frames", 0))
-    print(f"configured latency {session.lead * 40} ms = engine lookahead+hop {engine * 40} ms + jitter "
-          f"{(session.lead - engine) * 40} ms, plus compute; outputs: {args.to}", file=sys.stderr)
-    summary = asyncio.run(_run(session, source, args))
-    print("metrics: " + ", ".join(f"{k} {v}" for k, v in summary.items()), file=sys.stderr)
-    if args.metrics_json:
-        with open(args.metrics_json, "w") as f:
-            json.dump(summary, f, indent=1)
+    run_session(Session(animator, sinks, time_source=time_source, lead_frames=args.lead_frames), source, args)
     return 0
 
 
-async def _run(session: Session, source, args) -> dict:
+def run_session(session: Session, source, args, camera=None) -> dict:
+    """Say the configured latency, run until the source ends or Ctrl-C, print (and save) the metrics.
+    camera: where the page's browser camera goes (reenact --serve)."""
+    engine = int(getattr(session.animator, "latency_frames", 0))
+    print(f"configured latency {session.lead * 40} ms = engine lookahead+hop {engine * 40} ms + jitter "
+          f"{(session.lead - engine) * 40} ms, plus compute; outputs: {args.to}", file=sys.stderr)
+    summary = asyncio.run(_run(session, source, args, camera))
+    summary.update(getattr(session.animator, "stats", {}))
+    print("metrics: " + ", ".join(f"{k} {v}" for k, v in summary.items()), file=sys.stderr)
+    if args.metrics_json:
+        with open(args.metrics_json, "w") as f:
+            json.dump(summary, f, indent=1, default=float)
+    return summary
+
+
+async def _run(session: Session, source, args, camera=None) -> dict:
     loop = asyncio.get_running_loop()
     try:                                  # Ctrl-C ends the session cleanly, so files close and metrics print
         loop.add_signal_handler(signal.SIGINT, session.stop)
@@ -160,7 +177,7 @@ async def _run(session: Session, source, args) -> dict:
     if webrtc:                            # the page is how viewers (and --serve's clients) connect
         from .server import AvatarServer
         server = await AvatarServer(session, webrtc[0], host=args.host, port=args.port, token=args.token,
-                                    voice=args.voice).start()
+                                    voice=getattr(args, "voice", None), camera=camera).start()
         print(f"open {server.url}", file=sys.stderr)
     try:
         summary = await session.run(source)

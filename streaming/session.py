@@ -15,6 +15,7 @@ Python API (the README example; tests/test_shell_session.py runs it):
 
     async with Session(animator) as avatar:      # no source: idles (feeds silence) until audio is pushed
         avatar.push(pcm, rate=48000)             # mono, any rate; chunks or whole utterances
+        avatar.push(mic, rate=48000, live=True, stream="mic")   # realtime input: latency stays bounded
         async for frame in avatar.frames():      # AvFrame: image (H, W, 3) uint8, audio (640,) float32
             show(frame.image, frame.audio)
             if done_talking:
@@ -48,6 +49,7 @@ class Metrics:
         self.first_in = None             # arrival of the first source sample
         self.first_out = None            # release of the frame that holds it
         self.latencies = collections.deque(maxlen=5000)   # source sample in -> its frame out, seconds
+        self.capture = collections.deque(maxlen=5000)     # driving video frame captured -> shown (reenactment)
         self.engine = collections.deque(maxlen=5000)      # AvFrame.produced_at - pushed_at
         self.interrupts = 0
         self.dropped_samples = 0         # live audio dropped because the engine fell behind
@@ -61,12 +63,15 @@ class Metrics:
         span = (self.last_release - self.started) if self.started is not None and self.last_release else 0
         pct = lambda xs, q: round(1000 * float(np.percentile(xs, q)), 1) if xs else None  # noqa: E731
         first = None if self.first_out is None else round(1000 * (self.first_out - self.first_in), 1)
-        return {"frames": st.frames, "repeats": st.repeats, "fps": round((st.frames - 1) / span, 2) if span else None,
-                "first_audio_to_frame_ms": first, "latency_p50_ms": pct(self.latencies, 50),
-                "latency_p95_ms": pct(self.latencies, 95), "engine_p50_ms": pct(self.engine, 50),
+        out = {"frames": st.frames, "repeats": st.repeats, "fps": round((st.frames - 1) / span, 2) if span else None,
+               "first_audio_to_frame_ms": first, "latency_p50_ms": pct(self.latencies, 50),
+               "latency_p95_ms": pct(self.latencies, 95), "engine_p50_ms": pct(self.engine, 50),
                 "av_offset_ms": round(st.av_offset_ms, 3), "late_max_ms": round(1000 * st.late_max_s, 1),
-                "slips": st.slips, "interrupts": self.interrupts, "dropped_input_ms": self.dropped_samples / 16,
-                "queue_depth": dict(self.depth), "queue_depth_max": dict(self.depth_max)}
+               "slips": st.slips, "interrupts": self.interrupts, "dropped_input_ms": self.dropped_samples / 16,
+               "queue_depth": dict(self.depth), "queue_depth_max": dict(self.depth_max)}
+        if self.capture:
+            out.update(capture_latency_p50_ms=pct(self.capture, 50), capture_latency_p95_ms=pct(self.capture, 95))
+        return out
 
     def line(self, clock) -> str:
         s = self.summary(clock)
@@ -76,11 +81,16 @@ class Metrics:
 
 
 class Session:
-    def __init__(self, animator, sinks=(), *, time_source=None, lead_frames=None, input_chunks=64):
+    def __init__(self, animator, sinks=(), *, time_source=None, lead_frames=None, max_lead_frames=None,
+                 input_chunks=64):
+        """lead_frames: audio fed ahead of the clock (default: the engine's latency + jitter margin); it
+        grows while the engine is late, up to max_lead_frames if given (a reenactment engine shows the
+        newest camera frame, so a slow machine should skip frames rather than queue them)."""
         self.animator = animator
         self.time = time_source or RealTime()
         engine_frames = int(getattr(animator, "latency_frames", 0))
         self.lead = lead_frames if lead_frames is not None else engine_frames + JITTER_FRAMES
+        self.max_lead = max(self.lead, max_lead_frames) if max_lead_frames is not None else None
         self.clock = Clock(sinks, self.time, self._on_release)
         self.metrics = Metrics()
         self.source = None
@@ -88,7 +98,7 @@ class Session:
         self._inq: asyncio.Queue = asyncio.Queue(maxsize=input_chunks)
         self._work: queue.Queue = queue.Queue()
         self._out = collections.deque()
-        self._pending = collections.deque()     # source arrays taken from _inq, not yet fed
+        self._pending = collections.deque()     # (samples, arrival, live) taken from _inq, not yet fed
         self._arrivals = collections.deque()    # (start, end sample, arrival time) of fed source audio
         self._fed = 0                           # samples given to the engine (also the next chunk's pts)
         self._released = 0                      # engine samples shown
@@ -130,13 +140,17 @@ class Session:
             summary["input_overflows"] = source.overflows
         return summary
 
-    def push(self, samples, rate: int = SAMPLE_RATE) -> None:
-        """Queue mono audio at any rate. Call it on the loop's thread (other threads: call_soon_threadsafe)."""
+    def push(self, samples, rate: int = SAMPLE_RATE, *, live: bool = False, stream=None) -> None:
+        """Queue mono audio at any rate. Call it on the loop's thread (other threads: call_soon_threadsafe).
+
+        live=True marks realtime input (a microphone): when the engine falls behind, its oldest audio is
+        dropped so latency stays bounded; other audio (TTS, whole utterances) is always played in full.
+        Each stream (any hashable naming one input) keeps its own resampler, so inputs do not mix state."""
         x = np.asarray(samples, np.float32).reshape(-1)
         if rate != SAMPLE_RATE:
-            x = self._push_resamplers.setdefault(rate, Resampler(rate))(x)
+            x = self._push_resamplers.setdefault((stream, rate), Resampler(rate))(x)
         try:
-            self._inq.put_nowait((x, self.time.now()))
+            self._inq.put_nowait((x, self.time.now(), live))
         except asyncio.QueueFull:
             raise AnitalkerError("the session's input queue is full; push larger chunks or less often") from None
 
@@ -206,26 +220,21 @@ class Session:
             return self._out.popleft()
         if self._ended and self.stop_at_end:
             return DONE
-        self._extra += 1
+        if self.max_lead is None or self.lead + self._extra < self.max_lead:
+            self._extra += 1
         return None
 
     def _feed(self) -> None:
         live = getattr(self.source, "live", False)
-        if live:                                  # bounded latency beats completeness for a live source
+        if live or self.source is None:           # pushed audio is in memory already; a file is read lazily
             while self._take():
                 pass
-            excess = sum(len(x) for x, _ in self._pending) - LIVE_SLACK_FRAMES * SAMPLES_PER_FRAME
-            while excess > 0:
-                x, t = self._pending.popleft()
-                if len(x) > excess:
-                    self._pending.appendleft((x[excess:], t))
-                self.metrics.dropped_samples += min(len(x), excess)
-                excess -= len(x)
+            self._drop_late_live()
         budget = (self.lead + self._extra) * SAMPLES_PER_FRAME - (self._fed - self._released)
         while budget > 0 and (self._pending or self._take()):
-            x, t = self._pending.popleft()
+            x, t, is_live = self._pending.popleft()
             if len(x) > budget:
-                self._pending.appendleft((x[budget:], t))
+                self._pending.appendleft((x[budget:], t, is_live))
                 x = x[:budget]
             if self.metrics.first_in is None:
                 self.metrics.first_in = t
@@ -245,6 +254,23 @@ class Session:
         if quiet and budget >= SAMPLES_PER_FRAME:
             n = budget // SAMPLES_PER_FRAME * SAMPLES_PER_FRAME
             self._submit("push", AudioChunk(np.zeros(n, np.float32), self._fed))
+
+    def _drop_late_live(self) -> None:
+        """Bounded latency beats completeness for live audio: beyond a few frames waiting, its oldest goes."""
+        excess = sum(len(x) for x, _, is_live in self._pending if is_live) - LIVE_SLACK_FRAMES * SAMPLES_PER_FRAME
+        if excess <= 0:
+            return
+        kept = collections.deque()
+        for x, t, is_live in self._pending:
+            if is_live and excess > 0:
+                cut = min(len(x), excess)
+                excess -= cut
+                self.metrics.dropped_samples += cut
+                x = x[cut:]
+                if not len(x):
+                    continue
+            kept.append((x, t, is_live))
+        self._pending = kept
 
     def _take(self) -> bool:
         """Move one queued source chunk to pending; False when there is none."""
@@ -271,6 +297,8 @@ class Session:
             m.started = t
         if frame.meta.get("repeat"):
             return
+        if frame.meta.get("captured_at") is not None:
+            m.capture.append(t - frame.meta["captured_at"])
         self._released += len(frame.audio)
         if frame.produced_at and frame.pushed_at:
             m.engine.append(frame.produced_at - frame.pushed_at)
@@ -328,9 +356,10 @@ class Session:
             await self._progress.wait()
 
     async def _read(self, source) -> None:
+        live = bool(getattr(source, "live", False))
         try:
             async for chunk in source:
-                await self._inq.put((np.asarray(chunk.samples, np.float32), self.time.now()))
+                await self._inq.put((np.asarray(chunk.samples, np.float32), self.time.now(), live))
         except Exception as e:                    # a broken device or file ends the session with its error
             self._error = e
         await self._inq.put(_END)

@@ -119,3 +119,50 @@ def test_readme_api_example(tmp_path):
 
     asyncio.run(main(ToneAnimator()))
     assert shown[0] == ((64, 64, 3), (640,)) and len(shown) >= 20
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_live_pushes_stay_bounded_and_others_play_in_full(live):
+    """2 s pushed at once: as an utterance it plays in full; as live input (a microphone that the engine
+    fell behind on) only the newest few frames survive, so latency stays bounded."""
+    async def main():
+        async with Session(ToneAnimator(), time_source=FakeTime()) as avatar:
+            frames = avatar.frames()
+            avatar.push(np.full(SAMPLE_RATE * 2, 0.5, np.float32), rate=SAMPLE_RATE, live=live, stream="a")
+            loud = [(await frames.__anext__()).audio.any() for _ in range(100)]
+            await frames.aclose()
+            return sum(loud), avatar.metrics.summary(avatar.clock)["dropped_input_ms"]
+
+    loud, dropped = asyncio.run(main())
+    if live:
+        assert 0 < loud <= 12 and abs(dropped + 40 * loud - 2000) <= 40
+    else:
+        assert loud == 50 and dropped == 0
+
+
+def test_capture_latency_metric_and_max_lead():
+    """Frames that carry the capture time of the camera frame they show feed the capture-latency metric;
+    max_lead_frames caps how far a late engine is fed ahead."""
+    class Camera(ToneAnimator):
+        def __init__(self, clock):
+            super().__init__(delay=0.05)           # slower than real time: the lead would grow without a cap
+            self.clock = clock
+
+        def push(self, chunk):
+            out = super().push(chunk)
+            return [type(f)(f.image, f.audio, f.pts, f.pushed_at, f.produced_at,
+                            {**f.meta, "captured_at": self.clock.now() - 0.01}) for f in out]
+
+    async def main():
+        clock = RealTime()
+        session = Session(Camera(clock), time_source=clock, lead_frames=1, max_lead_frames=2)
+        async def stop():
+            await asyncio.sleep(1.0)
+            session.stop()
+        asyncio.get_running_loop().create_task(stop())
+        s = await session.run()
+        return s, session
+
+    s, session = asyncio.run(main())
+    assert s["capture_latency_p50_ms"] >= 10 and s["repeats"] > 0
+    assert session.lead + session._extra <= 2 and s["queue_depth_max"]["worker"] <= 2
