@@ -11,16 +11,15 @@ columns ``clip,identity`` (paths relative to the CSV). Per clip:
     estimator gives yaw; rejected clips are listed with the reason in ``rejected.jsonl``;
   * frames cropped and resized to 256x256, 16 kHz mono audio, MFCC (100 Hz) and, with a HuBERT folder,
     all HuBERT hidden states (25, 2T, 1024) stored as float16;
-  * per-frame controls from the estimator: location and scale (and pose if it gives one).
+  * per-frame controls from the estimator: pose (yaw, pitch, roll in degrees), location and scale.
 
 Estimators are pluggable (``estimator=package.module:factory``; the factory returns an object with
 ``estimate(frames (T, 256, 256, 3) uint8) -> {"pose"?: (T, 3) degrees, "location"?: (T,), "scale"?: (T,)}``).
-The default, ``HaarBoxEstimator``, needs nothing beyond OpenCV and works offline, but is coarse: it
-takes location = face-box centre x / 256 and scale = 0.95 x box height / 256 (a Haar box spans about
-mid-forehead to lower lip, so 0.95 h approximates inner brows to chin; not calibrated against the
-paper's 68-landmark definition, expect errors of a few % of the crop width), and it gives NO pose.
-Train pose_only / full_control models with a landmark/pose estimator plugged in (e.g. 3DDFA_V2, as
-the official data used).
+The default, ``training.pose:HaarPoseEstimator``, needs nothing beyond OpenCV's bundled cascades and
+works offline: roll within ~1 degree, yaw within ~3-4 degrees MAE on an ellipsoid head proxy up to
++-30 (profiles read as +-70), pitch NOT estimated (always 0), location/scale from the Haar box (a few %
+of the crop width); training/pose.py has the method and the measurements. Plug in a landmark / 3DMM
+estimator (e.g. 3DDFA_V2, as the official data used) for pitch and accurate yaw.
 
 A run that stops is resumed by running it again: finished and rejected clips are skipped.
 
@@ -43,7 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from avatar.media import load_audio
-from avatar.portrait import crop_box, detect_face
+from avatar.portrait import crop_box
 from models.errors import AnitalkerError
 from models.frontend import mfcc_features
 
@@ -68,7 +67,7 @@ class PreprocessConfig:
     max_yaw: float = 60.0
     min_frames: int = 26              # shorter clips cannot give one 1-s window plus its hint frame
     clips_per_shard: int = 1000
-    estimator: str = "training.preprocess:HaarBoxEstimator"
+    estimator: str = "training.pose:HaarPoseEstimator"
     detector: str = "avatar.portrait:detect_face"
     progress: bool = True
 
@@ -83,25 +82,6 @@ def _load(spec: str):
         return getattr(importlib.import_module(mod), name)
     except (ImportError, AttributeError) as e:
         raise DataError(f"cannot load {spec!r} (module:name): {e}") from None
-
-
-class HaarBoxEstimator:
-    """Location and scale from OpenCV Haar face boxes on the crops (see the module docstring)."""
-
-    def estimate(self, frames: np.ndarray) -> dict:
-        size = frames.shape[1]
-        loc, sc = np.full(len(frames), np.nan), np.full(len(frames), np.nan)
-        for i, f in enumerate(frames):
-            box = detect_face(f)
-            if box is not None:
-                x, y, w, h = box
-                loc[i], sc[i] = (x + w / 2) / size, 0.95 * h / size
-        ok = ~np.isnan(loc)
-        if not ok.any():
-            return {}
-        t = np.arange(len(frames))   # frames without a detection: linear interpolation between neighbours
-        return {"location": np.interp(t, t[ok], loc[ok]).astype(np.float32),
-                "scale": np.interp(t, t[ok], sc[ok]).astype(np.float32)}
 
 
 def list_clips(src: Path) -> list[tuple[str, str, Path]]:
