@@ -422,3 +422,67 @@ def test_bench_runs_both_stages_tiny(tmp_path):
         import json
         res = json.loads(out.read_text())
         assert res["step_s"] > 0 and res["stage"] == int(stage)
+
+
+# --------------------------------------------------------------------------------------------- review regressions
+
+def test_stage1_trains_without_vgg_weights_when_perceptual_is_off(tmp_path):
+    """w_perceptual=0 needs no VGG file (the error message offers exactly that); latents extract on 'auto'."""
+    from training.extract_latents import extract
+    from training.train_motion_encoder import Stage1TrainConfig, train as train1
+
+    data = make_frame_dataset(tmp_path / "frames", T=8)
+    res = train1(load_config(Stage1TrainConfig, TINY1, [f"data={data}", f"out={tmp_path / 's1'}", "max_steps=1",
+                                                         "vgg_weights=", "w_perceptual=0", "batch_size=2"]))
+    assert res["step"] == 1 and res["perceptual"] == 0.0
+    assert extract(tmp_path / "s1" / "last.pt", data, device="auto", progress=False) == 3
+
+
+def test_resumed_run_logs_each_step_once(motion_data, tmp_path):
+    """A run that stopped after its last checkpoint (here: step 4 logged, step 2 saved) resumes from the
+    checkpoint and rewrites the steps after it instead of logging them twice."""
+    import shutil
+
+    out = tmp_path / "run"
+    more = ("model.control=audio_only", "window=10", "log_every=1", "save_every=2", "keep_every=2")
+    train(cfg2(motion_data, out, "max_steps=4", *more))
+    shutil.copy(out / "step00000002.pt", out / "last.pt")     # as if it died after logging step 4
+    train(cfg2(motion_data, out, "max_steps=5", *more))
+    steps = [int(float(r.split(",")[0])) for r in (out / "log.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4, 5]
+    # a fresh run (no checkpoint) in a folder with an old log starts a new log
+    (out / "last.pt").unlink()
+    train(cfg2(motion_data, out, "max_steps=1", *more))
+    assert [r.split(",")[0] for r in (out / "log.csv").read_text().splitlines()[1:]] == ["1"]
+
+
+def test_training_noise_schedule_is_the_samplers(motion_data, tmp_path):
+    """Training's forward process and the inference sampler share alphas_cumprod; settings that would
+    break that agreement, and motion codes the sampler's x0 clamp cannot reach, are reported."""
+    from models.sampler import ddim_schedule
+    from training.common import ForwardProcess
+    from training.train_motion_generator import sampling_mismatches
+
+    c = Stage2TrainConfig()
+    fp = ForwardProcess(c.diffusion_steps, c.beta_start, c.beta_end)
+    for steps in (1000, 50, 25):
+        s = ddim_schedule(steps)
+        assert torch.allclose(fp.sqrt_acp[s.timesteps].double() ** 2, s.alphas_cumprod, rtol=1e-5, atol=1e-7)
+    ds = MotionWindows(motion_data, 25, "hubert")
+    assert sampling_mismatches(cfg2(motion_data, tmp_path), ds) == []
+    assert "samples with" in sampling_mismatches(cfg2(motion_data, tmp_path, "beta_end=0.03"), ds)[0]
+    path = motion_data / "shard-00000/a.alpha.npy"
+    np.save(path, 3 * np.load(path))
+    (msg,) = sampling_mismatches(cfg2(motion_data, tmp_path), ds)
+    assert "outside [-1, 1]" in msg and "max |alpha|" in msg
+
+
+def test_club_is_computed_in_fp32():
+    from training.losses import club, club_likelihood_loss
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 16)
+    y = x + 0.1 * torch.randn(32, 16)
+    lo = club(x.bfloat16(), y.bfloat16())
+    assert lo.dtype == torch.float32 and torch.isclose(lo, club(x, y), rtol=1e-2)
+    assert club_likelihood_loss(x.bfloat16(), y.bfloat16()).dtype == torch.float32

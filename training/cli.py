@@ -77,7 +77,7 @@ def add_parsers(sub) -> None:
     e = sub.add_parser("extract-latents", help="per-frame stage-1 latents (wa, alpha) for stage-2 training")
     e.add_argument("--stage1", required=True, help="stage-1 checkpoint (official or project)")
     e.add_argument("--data", required=True, help="dataset folder")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
     e.add_argument("--batch", type=int, default=32)
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=cmd_extract)

@@ -67,6 +67,10 @@ def teardown(rt: Runtime) -> None:
 def autocast_dtype(precision: str, device: torch.device):
     """None (fp32) or the autocast dtype. 'auto' = bf16 on GPUs that have it, fp16 on older ones,
     fp32 on CPU (CPU autocast is slower than fp32 for these models)."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":   # GradScaler (fp16's loss scaling) is CUDA-only here
+        raise ValueError(f"precision fp16 needs a CUDA device, not {device}; use bf16 or fp32")
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
     if precision == "auto":
@@ -109,14 +113,29 @@ class EMA:
 
 class CsvLog:
     """Append-only loss log (one row per logged step). Resuming appends to the same file; the
-    columns are fixed by the first row written."""
+    columns are fixed by the first row written. Rows after ``resume_step`` (logged after the last
+    checkpoint by a run that then stopped) are dropped first, so a resumed run never logs a step
+    twice; a fresh run (``resume_step`` 0) starts a new file."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, resume_step: int | None = None):
         self.path, self.enabled, self.t0 = Path(path), enabled, time.time()
         self.fields = None
         if enabled and self.path.is_file():
-            with self.path.open() as f:
-                self.fields = next(csv.reader(f), None)
+            with self.path.open(newline="") as f:
+                rows = list(csv.reader(f))
+            self.fields = rows[0] if rows else None
+            if resume_step is not None and self.fields and "step" in self.fields:
+                i = self.fields.index("step")
+                keep = [r for r in rows[1:] if len(r) > i and float(r[i]) <= resume_step]
+                if len(keep) < len(rows) - 1:
+                    if keep:
+                        tmp = self.path.with_name(self.path.name + ".tmp")
+                        with tmp.open("w", newline="") as f:
+                            csv.writer(f).writerows([self.fields, *keep])
+                        os.replace(tmp, self.path)
+                    else:
+                        self.path.unlink()
+                        self.fields = None
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:

@@ -22,7 +22,9 @@ from .data import manifest_path, open_array, read_manifest, to_image, write_mani
 
 @torch.inference_mode()
 def extract(stage1, data, device="cpu", batch: int = 32, overwrite: bool = False, progress: bool = True) -> int:
-    """Returns how many clips were encoded."""
+    """Returns how many clips were encoded. device "auto": cuda when available, else cpu."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     net = load_stage1(stage1, device) if isinstance(stage1, (str, Path)) else stage1.to(device).eval()
     root = manifest_path(data).parent
     entries = read_manifest(data)
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="extract_latents", description=__doc__.split("\n\n")[0])
     p.add_argument("--stage1", required=True, help="stage-1 checkpoint (official or project)")
     p.add_argument("--data", required=True, help="dataset folder (manifest.jsonl)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--overwrite", action="store_true", help="re-encode clips that already have latents")
     a = p.parse_args(argv)

@@ -108,16 +108,23 @@ def d_nonsaturating(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------- identity / motion
 
 def club(mu: Tensor, y: Tensor) -> Tensor:
-    """CLUB upper bound of I(x; y) with q(y|x) = N(mu(x), I) (the official density head has one
-    output, a mean): E_pairs[log q(y_i|x_i)] - E_{i,j}[log q(y_j|x_i)]. mu, y (N, D)."""
+    """CLUB upper bound of I(x; y) with q(y|x) = N(mu(x), I): E_pairs[log q(y_i|x_i)] -
+    E_{i,j}[log q(y_j|x_i)], summed over the D dimensions. mu, y (N, D).
+
+    This is the reference CLUBMean estimator (Cheng et al. 2020, github.com/Linear95/CLUB), whose mean
+    network Linear-ReLU-Linear is exactly the official one-output ``identity_net_density``; like it,
+    the bound is a sum over dimensions, so the paper's MI weight applies to the same quantity.
+    In fp32: the bound is a small difference of two large means, too coarse in bf16/fp16."""
+    mu, y = mu.float(), y.float()
     pos = -0.5 * (mu - y).square().sum(-1)                                   # (N,)
     neg = -0.5 * (mu[:, None, :] - y[None, :, :]).square().sum(-1)          # (N, N)
-    return (pos.mean() - neg.mean()) / y.shape[-1]
+    return pos.mean() - neg.mean()
 
 
 def club_likelihood_loss(mu: Tensor, y: Tensor) -> Tensor:
-    """Negative log-likelihood that trains the CLUB estimator (inputs detached by the caller)."""
-    return 0.5 * (mu - y).square().sum(-1).mean() / y.shape[-1]
+    """Negative log-likelihood (up to a constant) that trains the CLUB estimator (inputs detached by
+    the caller); the same units as ``club``."""
+    return 0.5 * (mu.float() - y.float()).square().sum(-1).mean()
 
 
 class AAMSoftmax(nn.Module):
@@ -141,7 +148,7 @@ class AAMSoftmax(nn.Module):
 def augment(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Appearance augmentations that keep identity: colour jitter (brightness, contrast,
     saturation +-20 %), random grayscale (p 0.1), horizontal flip (p 0.5), random scale/shift
-    (0.85..1.15, +-8 %). They deny the identity encoder low-level shortcuts (colour, framing).
+    (0.85..1.15, +-4 % of the side). They deny the identity encoder low-level shortcuts (colour, framing).
     x (B, 3, H, W) in [-1, 1]."""
     B, dev = x.shape[0], x.device
     r = lambda *s: torch.rand(*s, generator=generator).to(dev)  # noqa: E731

@@ -77,7 +77,7 @@ class Stage1TrainConfig:
 class EncoderLoss(nn.Module):
     """Generator-side losses in one forward (DDP hooks forward only)."""
 
-    def __init__(self, net: Stage1, vgg: VGG19Features, aam: AAMSoftmax, cfg: Stage1TrainConfig):
+    def __init__(self, net: Stage1, vgg: VGG19Features | None, aam: AAMSoftmax, cfg: Stage1TrainConfig):
         super().__init__()
         self.net, self.vgg, self.aam, self.cfg = net, vgg, aam, cfg
 
@@ -127,7 +127,10 @@ def build(cfg: Stage1TrainConfig, resume: dict | None) -> Stage1:
     return net
 
 
-def make_vgg(cfg: Stage1TrainConfig) -> VGG19Features:
+def make_vgg(cfg: Stage1TrainConfig) -> VGG19Features | None:
+    """The perceptual network, or None when w_perceptual is 0 and no weights are given."""
+    if not cfg.vgg_weights and not cfg.w_perceptual:
+        return None
     if not cfg.vgg_weights:
         raise AnitalkerError("the perceptual loss needs ImageNet VGG19 weights: set vgg_weights=PATH "
                              "(torchvision's vgg19-dcbb9e9d.pth), or w_perceptual=0 to train without it")
@@ -150,7 +153,8 @@ def train(cfg: Stage1TrainConfig) -> dict:
     torch.manual_seed(cfg.seed + 1)
     disc = Discriminator(dims).to(rt.device)
     aam = AAMSoftmax(dims.style_dim, ds.num_identities, cfg.aam_margin, cfg.aam_scale).to(rt.device)
-    vgg = make_vgg(cfg).to(rt.device).eval()
+    vgg = make_vgg(cfg)
+    vgg = vgg.to(rt.device).eval() if vgg is not None else None
     betas = (cfg.beta1, cfg.beta2)
     trainable = [p for p in net.parameters() if p.requires_grad] + [*aam.parameters()]
     opt_g = torch.optim.Adam(trainable, lr=cfg.lr, betas=betas)
@@ -175,7 +179,7 @@ def train(cfg: Stage1TrainConfig) -> dict:
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         gmodel, dmodel = DDP(gmodel, device_ids=ids), DDP(dmodel, device_ids=ids)
     aug_gen = torch.Generator()
-    log = CsvLog(out / "log.csv", enabled=rt.main)
+    log = CsvLog(out / "log.csv", enabled=rt.main, resume_step=step)
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
         print(f"stage 1 at {dims.size}px: {sum(p.numel() for p in net.parameters()):,} parameters, "

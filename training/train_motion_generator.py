@@ -16,6 +16,7 @@ A run resumes exactly from ``RUN/last.pt`` when it exists (mid-epoch included). 
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from models.checkpoints import export_official, load_stage2
+from models.sampler import ddim_schedule
 from models.stage2 import Stage2, Stage2Dims
 
 from .common import (CsvLog, EMA, ForwardProcess, autocast, autocast_dtype, load_training_state,
                      mean_over_ranks, optimizer_to, save_training_state, setup_runtime, sync_buffers, teardown)
 from .config import load_config, to_dict
-from .data import epoch_loader, MotionWindows
+from .data import epoch_loader, MotionWindows, open_array
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,30 @@ def _controls(dims: Stage2Dims) -> tuple:
     return {"audio_only": (), "pose_only": ("pose",), "full_control": ("location", "scale", "pose")}[dims.control]
 
 
+def sampling_mismatches(cfg: Stage2TrainConfig, ds: MotionWindows, max_clips: int = 256) -> list[str]:
+    """What would make the trained model disagree with the inference sampler (models/sampler.py).
+
+    The sampler always uses its default schedule (the checkpoint does not record one) and, as the
+    official one, clamps every x0 prediction to [-1, 1]: a model trained on another schedule, or on
+    motion codes outside [-1, 1], trains without complaint and then samples wrongly."""
+    out = []
+    p = inspect.signature(ddim_schedule).parameters
+    want = (p["T"].default, p["beta_start"].default, p["beta_end"].default)
+    if (cfg.diffusion_steps, cfg.beta_start, cfg.beta_end) != want:
+        out.append(f"diffusion_steps/beta_start/beta_end = {(cfg.diffusion_steps, cfg.beta_start, cfg.beta_end)}, "
+                   f"but `anitalker render` samples with {want}: the model will not sample correctly")
+    clips = ds.clips[:: max(1, len(ds.clips) // max_clips)][:max_clips]
+    n = over = peak = 0
+    for e in clips:
+        a = open_array(ds.root, e, "alpha")
+        n, over, peak = n + a.size, over + int((abs(a) > 1).sum()), max(peak, float(abs(a).max()))
+    if over:
+        out.append(f"{100 * over / n:.2f} % of the motion codes (alpha) lie outside [-1, 1] (max |alpha| "
+                   f"{peak:.2f}); the sampler clamps x0 to [-1, 1] as the official one does, so the model "
+                   "cannot generate them")
+    return out
+
+
 def build_model(cfg: Stage2TrainConfig, resume: dict | None) -> Stage2:
     if resume is not None:
         net = Stage2(Stage2Dims(**resume["dims"]), dropout=cfg.dropout)
@@ -125,12 +151,15 @@ def train(cfg: Stage2TrainConfig) -> dict:
         ema.shadow = {k: v.to(rt.device) for k, v in ema.shadow.items()}
 
     ds = MotionWindows(cfg.data, cfg.window, dims.audio, _controls(dims), cfg.seed)
+    if rt.main:
+        for warning in sampling_mismatches(cfg, ds):
+            print(f"warning: {warning}", file=sys.stderr)
     sampler, loader = epoch_loader(ds, cfg, rt)
     model = DiffusionLoss(net, ForwardProcess(cfg.diffusion_steps, cfg.beta_start, cfg.beta_end),
                           cfg.control_weight)
     if rt.distributed:
         model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    log = CsvLog(out / "log.csv", enabled=rt.main)
+    log = CsvLog(out / "log.csv", enabled=rt.main, resume_step=step)
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
         print(f"stage 2 {dims.infer_type}: {sum(p.numel() for p in net.parameters()):,} parameters, "
