@@ -83,6 +83,56 @@ def load_audio(path) -> np.ndarray:
     return np.concatenate(chunks, axis=1).mean(axis=0).astype(np.float32)
 
 
+def read_video_frames(path):
+    """Decode a video's first video track lazily -> iterator of (t_seconds, uint8 (H, W, 3) RGB).
+
+    t is the frame's presentation time from the start of the track, so a variable-rate clip keeps its
+    timing. The file is opened here, so a missing file or a file without video fails at the call.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise AnitalkerError(f"video file not found: {path}")
+    try:
+        container = av.open(path)
+    except (av.FFmpegError, ValueError) as e:
+        raise AnitalkerError(f"cannot open video {path}: {e}") from e
+    if not container.streams.video:
+        container.close()
+        raise AnitalkerError(f"{path} has no video track: give a video file (mp4, webm, mov, ...)")
+    return _frames(container, path)
+
+
+def video_seconds(path) -> float:
+    """Duration of the first video track from the container's metadata, without decoding; falls back to
+    counting frames (at the track's rate) when the container does not say."""
+    path = os.fspath(path)
+    with av.open(path) as container:
+        vs = container.streams.video[0]
+        if vs.duration:
+            return float(vs.duration * vs.time_base)
+        if container.duration:
+            return container.duration / av.time_base
+    info = read_video_info(path)
+    return info["frames"] / (info["fps"] or 25)
+
+
+def _frames(container, path):
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"                 # frame threads: decoding keeps up with a live engine
+    start = None
+    with container:
+        try:
+            for i, frame in enumerate(container.decode(stream)):
+                if frame.pts is None or frame.time_base is None:   # raw streams carry no timestamps
+                    t = i / float(stream.average_rate or 25)
+                else:
+                    t = float(frame.pts * frame.time_base)
+                start = t if start is None else start
+                yield t - start, frame.to_ndarray(format="rgb24")
+        except (av.FFmpegError, ValueError) as e:
+            raise AnitalkerError(f"cannot decode video from {path}: {e}") from e
+
+
 def _even(img: np.ndarray) -> np.ndarray:
     """(H, W, 3) -> (H', W', 3) C-contiguous with H', W' even (yuv420p); drops at most 1 row/col."""
     h, w = img.shape[0] // 2 * 2, img.shape[1] // 2 * 2

@@ -10,9 +10,10 @@ from tqdm import tqdm
 
 from models.errors import AnitalkerError
 
-from .media import load_audio, write_mp4
+from .media import load_audio, read_video_frames, video_seconds, write_mp4
 from .pipeline import Controls, Models, encode_portrait, generate_motion, render
-from .timebase import AudioChunk
+from .reenact import ReenactConfig, Reenactor, TimedFrames
+from .timebase import SAMPLE_RATE, SAMPLES_PER_FRAME, AudioChunk
 from .portrait import PasteBack, load_image, prepare_portrait, to_tensor, to_uint8
 
 
@@ -97,4 +98,44 @@ def render_file(models: Models, portrait_path, audio_path, out_path, *, controls
     t0 = time.perf_counter()
     write_mp4(out_path, frames_u8(), wave)
     timings.seconds["encode"] = time.perf_counter() - t0 - timings.seconds["render"]
+    return timings
+
+
+def reenact_file(models: Models, portrait_path, video_path, out_path, *, config: ReenactConfig = ReenactConfig(),
+                 crop: bool = True, paste_back: bool = False, progress: bool = True) -> Timings:
+    """The face in ``video_path`` drives the portrait: ``out_path`` at 25 fps for the clip's duration, with
+    the clip's audio (silence when it has none). ``crop`` is about the portrait; ``config.crop`` about the
+    driving frames. Frames are written as they come, so a long clip never sits in memory."""
+    timings = Timings()
+    with timings("portrait"):
+        original = load_image(portrait_path)
+        portrait = prepare_portrait(original, crop=crop)
+        code = encode_portrait(models, to_tensor(portrait.image))
+    frames = read_video_frames(video_path)        # checks the file and its video track first
+    seconds = video_seconds(video_path)
+    try:
+        wave = load_audio(video_path)
+    except AnitalkerError:                        # a clip without sound is driven over silence
+        wave = None
+    n_samples = max(SAMPLES_PER_FRAME, round(seconds * SAMPLE_RATE))
+    track = np.zeros(n_samples, np.float32)
+    if wave is not None:
+        track[:min(len(wave), n_samples)] = wave[:n_samples]
+    animator = Reenactor(models, code, TimedFrames(frames), config)
+    paste = PasteBack(original, portrait.box) if paste_back and portrait.box is not None else None
+    step = 16 * 20                                # 20 ms chunks, as a live source pushes them
+
+    def out_frames():
+        with tqdm(total=-(-n_samples // SAMPLES_PER_FRAME), desc="reenact", unit="frame",
+                  disable=not progress) as bar:
+            for i in range(0, n_samples + 1, step):
+                out = animator.push(AudioChunk(track[i:i + step], i)) if i < n_samples else animator.flush()
+                bar.update(len(out))
+                for f in out:
+                    yield paste(f.image) if paste is not None else f.image
+
+    t0 = time.perf_counter()
+    write_mp4(out_path, out_frames(), track)
+    timings.seconds.update(animator.timings)
+    timings.seconds["encode"] = time.perf_counter() - t0 - sum(animator.timings.values())
     return timings

@@ -63,20 +63,23 @@ def controls_from_args(args) -> Controls:
                     scale=None if args.scale is None else _unit(args.scale, "--scale"))
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The model options every command that runs the models shares (render, live, reenact)."""
+def add_model_args(p: argparse.ArgumentParser, audio: bool = True) -> None:
+    """The model options of the commands that run the models; audio=False leaves out the stage-2 (audio to
+    motion) ones, which reenactment does not use."""
     g = p.add_argument_group("model")
     g.add_argument("--checkpoints", metavar="DIR", help=f"folder with the official files (default {default_dir()}, "
                    "or $ANITALKER_CHECKPOINTS)")
-    g.add_argument("--infer-type", default=DEFAULT_INFER_TYPE, choices=list(STAGE2),
-                   help="which stage-2 model to use (default %(default)s)")
-    g.add_argument("--steps", type=int, default=50, help="DDIM steps (default %(default)s; fewer is faster)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the motion noise (default %(default)s)")
-    g.add_argument("--pose", metavar="YAW,PITCH,ROLL", help="head pose in degrees (pose_only/full_control models)")
-    g.add_argument("--pose-file", metavar="FILE", help="per-frame head pose, rows of yaw,pitch,roll in degrees "
-                   "(.npy, .txt, .csv); shorter files hold their last row")
-    g.add_argument("--location", metavar="X", help="horizontal face position 0..1 (full_control models)")
-    g.add_argument("--scale", metavar="S", help="face size 0..1 (full_control models)")
+    if audio:
+        g.add_argument("--infer-type", default=DEFAULT_INFER_TYPE, choices=list(STAGE2),
+                       help="which stage-2 model to use (default %(default)s)")
+        g.add_argument("--steps", type=int, default=50, help="DDIM steps (default %(default)s; fewer is faster)")
+        g.add_argument("--seed", type=int, default=0, help="seed of the motion noise (default %(default)s)")
+        g.add_argument("--pose", metavar="YAW,PITCH,ROLL", help="head pose in degrees (pose_only/full_control "
+                       "models)")
+        g.add_argument("--pose-file", metavar="FILE", help="per-frame head pose, rows of yaw,pitch,roll in "
+                       "degrees (.npy, .txt, .csv); shorter files hold their last row")
+        g.add_argument("--location", metavar="X", help="horizontal face position 0..1 (full_control models)")
+        g.add_argument("--scale", metavar="S", help="face size 0..1 (full_control models)")
     g.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="fp32 (default) computes what the official code computes; bf16 is about 1.3-2x faster "
@@ -194,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(live)
     add_stream_args(live)
     live.set_defaults(steps=10)   # per window; the offline default of 50 is too slow for realtime on a CPU
+
+    from .reenact import add_reenact_parser
+    add_model_args(add_reenact_parser(sub), audio=False)
 
     from training.cli import add_parsers as add_training_parsers   # preprocess, train, extract-latents, ...
     add_training_parsers(sub)

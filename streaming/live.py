@@ -6,7 +6,9 @@ the models are loaded; ``--test-pattern`` uses the model-free ToneAnimator to ch
 from __future__ import annotations
 
 import asyncio
+import glob
 import json
+import platform
 import shutil
 import signal
 import sys
@@ -41,7 +43,7 @@ def add_live_parser(sub, animator_factory=None):
     p.add_argument("--test-pattern", action="store_true", help="no models: frames that show their number "
                    "(checks devices and timing)")
     p.set_defaults(func=lambda args: cmd_live(args, animator_factory))
-    d = sub.add_parser("devices", help="list microphones, speakers and virtual cameras, with what is missing")
+    d = sub.add_parser("devices", help="list microphones, speakers, cameras and virtual cameras, with what is missing")
     d.set_defaults(func=cmd_devices)
     return p, d
 
@@ -208,6 +210,11 @@ def cmd_devices(args) -> int:
                      f"{', '.join(BACKENDS) or 'none'}; " + (problem or "ready"))
     except ImportError:
         lines.append("virtual camera: " + S.vcam_problem())
+    if platform.system() == "Linux":   # OpenCV opens /dev/videoN as --webcam N (virtual cameras are listed too)
+        cams = sorted(glob.glob("/dev/video*"), key=lambda d: int(d[10:]) if d[10:].isdigit() else 0)
+        lines.append("cameras (--webcam N): " + (", ".join(cams) or "none found at /dev/video*"))
+    else:
+        lines.append("cameras: --webcam 0 is the first, 1 the next, ...")
     import cv2
     gui = not S.re.search(r"GUI:\s*NONE", cv2.getBuildInformation())
     lines.append("preview: " + ("OpenCV with GUI" if gui else "unavailable, OpenCV is headless "

@@ -1,16 +1,27 @@
 """The avatar's server: one `websockets` server for the page (plain HTTP GET) and one WebSocket API.
 
-One session, one avatar: every client drives the same Session and every viewer sees it. GET / serves the
+One session, one avatar: every client drives the same Session and every viewer sees it. A reenacting
+session (its animator has calibrate) is in reenact mode; given ``camera`` (a LatestFrame) it takes the
+browsers' cameras as its driving frames, the newest frame of any of them. GET / serves the
 page (streaming/static, no build step). /ws speaks JSON text messages, each {"op": ...}, plus binary PCM:
 
     -> {"op": "offer", "sdp": S}                      <- {"op": "answer", "sdp": S}  (WebRTC video + audio;
-                                                         a sendrecv audio m-line carries the browser's mic)
-    -> {"op": "audio", "rate": 48000, "format": "s16"|"f32"}   then binary messages: mono little-endian PCM
+                                                         a sendrecv audio m-line carries the browser's mic,
+                                                         in reenact mode a sendrecv video m-line its camera)
+    -> {"op": "audio", "rate": 48000, "format": "s16"|"f32", "live": false}
+                                                      then binary messages: mono little-endian PCM.
+                                                      live: true for audio captured in real time (a remote
+                                                      mic): when the engine falls behind its oldest part is
+                                                      dropped, so latency stays bounded; false (default)
+                                                      plays every sample (files, TTS)
     -> {"op": "say", "text": T}                       (TTS, one sentence at a time)
     -> {"op": "interrupt"}
     -> {"op": "pose", "yaw": deg, "pitch": deg, "roll": deg}   (all null: predicted from speech)
+    -> {"op": "calibrate"}                            (reenact: the next camera frame is the neutral face)
     -> {"op": "stats", ...}                           (the page's getStats figures, kept per client)
-    <- {"op": "config", "ice_servers": [...]}  once;  <- {"op": "metrics", ...} every second
+    <- {"op": "config", "ice_servers": [...], "mode": "audio"|"reenact", "camera": bool}  once
+                                                      (camera: the server takes the browser's camera)
+    <- {"op": "metrics", ...} every second
     <- {"op": "error", "error": why}                  for a bad message; the connection and session go on
 
 Bounds: 1 MiB per message, max_clients connections; a client that leaves takes its peer connection along.
@@ -51,13 +62,13 @@ def check_bind(host: str, token: str | None) -> str | None:
 
 class Client:
     def __init__(self, ws):
-        self.ws, self.pc, self.rate, self.format, self.stats = ws, None, None, None, {}
+        self.ws, self.pc, self.rate, self.format, self.live, self.stats = ws, None, None, None, False, {}
 
 
 class AvatarServer:
     def __init__(self, session, sink, *, host: str = "127.0.0.1", port: int = 8080, token: str | None = None,
-                 max_clients: int = 8, tts=espeak_pcm, voice: str | None = None):
-        self.session, self.sink, self.host, self.port = session, sink, host, port
+                 max_clients: int = 8, tts=espeak_pcm, voice: str | None = None, camera=None):
+        self.session, self.sink, self.host, self.port, self.camera = session, sink, host, port, camera
         self.token = check_bind(host, token)
         self.max_clients, self.tts, self.voice = max_clients, tts, voice
         self.clients: set[Client] = set()
@@ -118,7 +129,9 @@ class AvatarServer:
         try:
             ice = [{k: v for k, v in (("urls", s.urls), ("username", s.username), ("credential", s.credential))
                     if v} for s in self.sink.ice]
-            await ws.send(json.dumps({"op": "config", "ice_servers": ice}))
+            mode = "reenact" if hasattr(self.session.animator, "calibrate") else "audio"
+            await ws.send(json.dumps({"op": "config", "ice_servers": ice, "mode": mode,
+                                      "camera": self.camera is not None}))
             async for message in ws:
                 try:
                     if isinstance(message, bytes):
@@ -131,6 +144,8 @@ class AvatarServer:
         finally:
             ticker.cancel()
             self.clients.discard(client)
+            for stream in ((client, "mic"), (client, "pcm")):
+                self.session.close_stream(stream)
             if client.pc is not None:
                 await self.sink.disconnect(client.pc)
 
@@ -140,13 +155,18 @@ class AvatarServer:
             if client.pc is not None:                   # a renegotiating page replaces its connection
                 await self.sink.disconnect(client.pc)
                 client.pc = None
-            client.pc, answer = await self.sink.connect(str(msg["sdp"]), on_audio=self._push)
+            def mic(pcm, rate):              # its own resampler; live: latency beats completeness
+                self._push(pcm, rate, live=True, stream=(client, "mic"))
+            on_video = None if self.camera is None else self.camera.put
+            client.pc, answer = await self.sink.connect(str(msg["sdp"]), on_audio=mic, on_video=on_video)
             await client.ws.send(json.dumps({"op": "answer", "sdp": answer}))
         elif op == "audio":
-            rate, fmt = msg.get("rate"), msg.get("format", "s16")
-            if not isinstance(rate, int) or not 8000 <= rate <= 192000 or fmt not in ("s16", "f32"):
-                raise AnitalkerError('audio needs "rate" (int, 8000-192000) and "format" ("s16" or "f32")')
-            client.rate, client.format = rate, fmt
+            rate, fmt, live = msg.get("rate"), msg.get("format", "s16"), msg.get("live", False)
+            if not isinstance(rate, int) or not 8000 <= rate <= 192000 or fmt not in ("s16", "f32") \
+                    or not isinstance(live, bool):
+                raise AnitalkerError('audio needs "rate" (int, 8000-192000), "format" ("s16" or "f32") and '
+                                     'optionally "live" (true or false)')
+            client.rate, client.format, client.live = rate, fmt, live
         elif op == "say":
             text = msg.get("text")
             if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
@@ -160,10 +180,14 @@ class AvatarServer:
             self.session.interrupt()
         elif op == "pose":
             self._pose(msg)
+        elif op == "calibrate":
+            if not hasattr(self.session.animator, "calibrate"):
+                raise AnitalkerError("calibrate needs reenactment (anitalker reenact); this avatar is driven by audio")
+            self.session.animator.calibrate()           # thread-safe: taken up by the engine's next frame
         elif op == "stats":
             client.stats = {k: v for k, v in msg.items() if k != "op"}
         else:
-            raise AnitalkerError(f"unknown op {op!r}; use offer, audio, say, interrupt, pose or stats")
+            raise AnitalkerError(f"unknown op {op!r}; use offer, audio, say, interrupt, pose, calibrate or stats")
 
     def _pcm(self, client: Client, data: bytes) -> None:
         if client.rate is None:
@@ -173,10 +197,10 @@ class AvatarServer:
             raise AnitalkerError(f"binary PCM length {len(data)} is not a multiple of {dtype.itemsize} bytes")
         x = np.frombuffer(data, dtype)
         x = x / np.float32(32768) if client.format == "s16" else np.nan_to_num(np.clip(x, -1, 1))
-        self._push(x, client.rate)
+        self._push(x, client.rate, live=client.live, stream=(client, "pcm"))
 
-    def _push(self, pcm, rate: int) -> None:
-        self.session.push(pcm, rate)        # raises when the input queue is full: the sender hears why
+    def _push(self, pcm, rate: int, **kw) -> None:
+        self.session.push(pcm, rate, **kw)  # raises when the input queue is full: the sender hears why
 
     async def _say(self, text: str, ws) -> None:
         async with self._speech_lock:       # texts are spoken in the order they came

@@ -154,6 +154,11 @@ class Session:
         except asyncio.QueueFull:
             raise AnitalkerError("the session's input queue is full; push larger chunks or less often") from None
 
+    def close_stream(self, stream) -> None:
+        """Forget the resampler state of a pushed input that has ended (a client that left)."""
+        for key in [k for k in self._push_resamplers if k[0] == stream]:
+            del self._push_resamplers[key]
+
     def interrupt(self) -> None:
         """Drop all queued speech now; the next frame (within one frame period) is silent. Loop thread only."""
         self._gen += 1
@@ -332,9 +337,18 @@ class Session:
                     else:
                         self.animator.reset()
             except BaseException as e:           # reported on the loop; the session then stops
-                self._loop.call_soon_threadsafe(self._fail, e)
+                self._answer(self._fail, e)
                 return
-            self._loop.call_soon_threadsafe(self._deliver, gen, frames, kind == "flush")
+            if not self._answer(self._deliver, gen, frames, kind == "flush"):
+                return
+
+    def _answer(self, fn, *args) -> bool:
+        """Hand a result to the loop; False when the loop has closed (the session gave up waiting)."""
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+            return True
+        except RuntimeError:
+            return False
 
     def _deliver(self, gen: int, frames, last: bool) -> None:
         self._done += 1

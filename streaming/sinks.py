@@ -210,10 +210,11 @@ class SpeakerSink:
 
 
 class PreviewSink:
-    """An OpenCV window; needs a GUI build of OpenCV and a display."""
+    """An OpenCV window; needs a GUI build of OpenCV and a display. on_key(char), if set, gets the keys
+    pressed in the window (reenact: "c" calibrates)."""
 
-    def __init__(self, title: str = "anitalker"):
-        self.title = title
+    def __init__(self, title: str = "anitalker", on_key=None):
+        self.title, self.on_key = title, on_key
 
     async def open(self, spec: StreamSpec) -> None:
         import cv2
@@ -226,7 +227,9 @@ class PreviewSink:
 
     async def write(self, frame: AvFrame) -> None:
         self._cv2.imshow(self.title, frame.image[:, :, ::-1])
-        self._cv2.waitKey(1)
+        key = self._cv2.waitKey(1)
+        if key >= 0 and self.on_key is not None:
+            self.on_key(chr(key & 0xFF))
 
     async def aclose(self) -> None:
         if hasattr(self, "_cv2"):

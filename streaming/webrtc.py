@@ -1,4 +1,4 @@
-"""WebRTC out (and a browser's microphone in) with aiortc: a Sink that sends each released AvFrame to every
+"""WebRTC out (and a browser's microphone and camera in) with aiortc: a Sink that sends each released AvFrame to every
 connected viewer as one video and one audio track.
 
 Timing: the clock paces writes, so the tracks never sleep; they hand out what the sink queued. Video and
@@ -12,6 +12,7 @@ import asyncio
 import collections
 import logging
 import random
+import time
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -113,7 +114,7 @@ class QueueTrack(MediaStreamTrack):
 
 class Viewer:
     def __init__(self, pc):
-        self.pc, self.pump = pc, None
+        self.pc, self.pumps = pc, []
         self.video = QueueTrack("video", QUEUE_FRAMES)
         self.audio = QueueTrack("audio", 2 * QUEUE_FRAMES)        # 20 ms frames
 
@@ -150,9 +151,10 @@ class WebRTCSink:
                 af.time_base = Fraction(1, SAMPLE_RATE)
                 v.audio.put(af)
 
-    async def connect(self, offer_sdp: str, on_audio=None):
+    async def connect(self, offer_sdp: str, on_audio=None, on_video=None):
         """Answer a browser's offer (video + audio m-lines). on_audio(pcm (N,) float32, rate), if given, gets
-        the audio the peer sends (its microphone). Returns (pc, answer_sdp)."""
+        the audio the peer sends (its microphone); on_video(rgb (H, W, 3) uint8, arrival time.monotonic()),
+        if given, each frame of the video it sends (its camera). Returns (pc, answer_sdp)."""
         if len(self.viewers) >= self.options.max_viewers:
             raise AnitalkerError(f"too many viewers (at most {self.options.max_viewers})")
         if self.options.port_range:
@@ -167,12 +169,13 @@ class WebRTCSink:
 
         @pc.on("track")
         def _track_in(track):
-            if track.kind == "audio" and on_audio is not None:
-                viewer.pump = asyncio.ensure_future(_pump(track, on_audio))
+            take = {"audio": _audio_in, "video": _video_in}[track.kind]
+            if (on := on_audio if track.kind == "audio" else on_video) is not None:
+                viewer.pumps.append(asyncio.ensure_future(_pump(track, take, on)))
 
         try:
             # transceivers made before the offer is applied take its m-lines, codec preferences included
-            video = pc.addTransceiver(viewer.video, direction="sendonly")
+            video = pc.addTransceiver(viewer.video, direction="sendonly" if on_video is None else "sendrecv")
             pc.addTransceiver(viewer.audio, direction="sendrecv")      # recv: the browser's microphone
             if self.options.codec:
                 mime = "video/" + self.options.codec
@@ -189,8 +192,8 @@ class WebRTCSink:
         viewer = self.viewers.pop(pc, None)
         if viewer is None:
             return
-        if viewer.pump:
-            viewer.pump.cancel()
+        for pump in viewer.pumps:         # the peer's camera and mic: nothing of them is kept
+            pump.cancel()
         viewer.video.stop()
         viewer.audio.stop()
         await pc.close()
@@ -200,15 +203,24 @@ class WebRTCSink:
             await self.disconnect(pc)
 
 
-async def _pump(track, on_audio) -> None:
+async def _pump(track, take, on) -> None:
     while True:
         try:
             frame = await track.recv()
         except MediaStreamError:
             return
-        x = frame.to_ndarray()                        # packed s16: (1, N * channels)
-        x = x.reshape(-1, len(frame.layout.channels)).mean(axis=1) / 32768.0
         try:
-            on_audio(x.astype(np.float32), frame.sample_rate)
-        except AnitalkerError as e:                   # the session's input is full: lose this 20 ms
-            log.debug("microphone audio dropped: %s", e)
+            on(*take(frame))
+        except AnitalkerError as e:                   # the session's input is full: lose this piece
+            log.debug("peer media dropped: %s", e)
+
+
+def _audio_in(frame):
+    x = frame.to_ndarray()                            # packed s16: (1, N * channels)
+    x = x.reshape(-1, len(frame.layout.channels)).mean(axis=1) / 32768.0
+    return x.astype(np.float32), frame.sample_rate
+
+
+def _video_in(frame):
+    # the arrival time stands in for the capture time: the browser's clock is not ours
+    return frame.to_ndarray(format="rgb24"), time.monotonic()

@@ -152,7 +152,7 @@ def test_headless_chromium_plays_the_page(tmp_path):
     async def go(server, session):
         mic_in = []
         push = server._push
-        server._push = lambda pcm, rate: (mic_in.append(len(pcm)), push(pcm, rate))   # count what the mic sends
+        server._push = lambda pcm, rate, **kw: (mic_in.append(len(pcm)), push(pcm, rate, **kw))  # count the mic
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  f"--user-data-dir={tmp_path}", "--autoplay-policy=no-user-gesture-required",

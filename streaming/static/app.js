@@ -1,24 +1,29 @@
 // The page: WebRTC video+audio from the server, text/microphone/pose/interrupt to it, live metrics.
+// In reenact mode (the server's config says so) a face drives the avatar instead of text: the browser's
+// camera when the server takes it (config.camera), else the server's own webcam or video.
 // One WebSocket carries signalling, controls and metrics (same origin; ?token= is passed through).
 "use strict";
 const $ = (id) => document.getElementById(id);
 const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws${location.search}`);
 const send = (msg) => ws.readyState === 1 && ws.send(JSON.stringify(msg));
-let pc = null, micSender = null, micTrack = null, server = {}, browser = {};
+let pc = null, micSender = null, micTrack = null, camSender = null, camTrack = null, server = {}, browser = {};
+const query = new URLSearchParams(location.search);
 
 ws.onmessage = async (e) => {
   const msg = JSON.parse(e.data);
-  if (msg.op === "config") connect(msg.ice_servers);
+  if (msg.op === "config") connect(msg.ice_servers, msg.mode === "reenact", msg.camera);
   else if (msg.op === "answer") await pc.setRemoteDescription({ type: "answer", sdp: msg.sdp });
   else if (msg.op === "metrics") { server = msg; show(); }
   else if (msg.op === "error") $("status").textContent = "server: " + msg.error;
 };
 ws.onclose = () => { $("status").textContent = "disconnected from the server"; };
 
-async function connect(iceServers) {
+async function connect(iceServers, reenact, camera) {
+  document.body.classList.toggle("reenact", reenact);
+  $("camera").hidden = !camera;
   pc = new RTCPeerConnection({ iceServers });
-  pc.addTransceiver("video", { direction: "recvonly" });
-  // sendrecv from the start: the microphone is attached later with replaceTrack, no renegotiation
+  // sendrecv from the start: the camera and microphone are attached later with replaceTrack, no renegotiation
+  camSender = pc.addTransceiver("video", { direction: camera ? "sendrecv" : "recvonly" }).sender;
   micSender = pc.addTransceiver("audio", { direction: "sendrecv" }).sender;
   const stream = new MediaStream();
   pc.ontrack = (e) => { stream.addTrack(e.track); $("video").srcObject = stream; };
@@ -33,11 +38,14 @@ async function connect(iceServers) {
   send({ op: "offer", sdp: pc.localDescription.sdp });
   $("video").play().catch(() => { $("status").textContent = "click the video to start the sound"; });
   setInterval(stats, 1000);
+  if (query.has("mic")) $("mic").click();                    // tests
+  if (camera && query.has("camera")) $("camera").click();
 }
 
 async function stats() {
   const report = await pc.getStats();
   report.forEach((s) => {
+    if (s.type === "outbound-rtp" && s.kind === "video") browser.cameraFramesSent = s.framesSent;
     if (s.type !== "inbound-rtp") return;
     if (s.kind === "video") Object.assign(browser, { framesDecoded: s.framesDecoded, framesDropped: s.framesDropped,
       framesReceived: s.framesReceived, fps: s.framesPerSecond, width: s.frameWidth, height: s.frameHeight,
@@ -57,20 +65,28 @@ function show() {
 $("say").onclick = () => { const text = $("text").value.trim(); if (text) send({ op: "say", text }); };
 $("interrupt").onclick = () => send({ op: "interrupt" });
 
-$("mic").onclick = async () => {
-  if (micTrack) {                       // second click: stop sending
-    await micSender.replaceTrack(null);
-    micTrack.stop(); micTrack = null;
-    $("mic").textContent = "Use my microphone";
+// A second click stops sending. The camera asks for what the engine uses: it crops a 256x256 face.
+$("mic").onclick = () => toggle("mic", "microphone", { audio: { echoCancellation: true, noiseSuppression: true } });
+$("camera").onclick = () => toggle("camera", "camera", { video: { width: 640, height: 480, frameRate: 25 } });
+$("calibrate").onclick = () => send({ op: "calibrate" });
+
+async function toggle(id, what, constraints) {
+  const sender = id === "mic" ? micSender : camSender;
+  const track = id === "mic" ? micTrack : camTrack;
+  const set = (t) => { if (id === "mic") micTrack = t; else camTrack = t; };
+  if (track) {
+    await sender.replaceTrack(null);
+    track.stop(); set(null);
+    $(id).textContent = `Use my ${what}`;
     return;
   }
   try {
-    const media = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: true, noiseSuppression: true } });
-    micTrack = media.getAudioTracks()[0];
-    await micSender.replaceTrack(micTrack);
-    $("mic").textContent = "Stop my microphone";
-  } catch (err) { $("status").textContent = "microphone: " + err.message; }
-};
+    const media = await navigator.mediaDevices.getUserMedia(constraints);
+    set(media.getTracks()[0]);
+    await sender.replaceTrack(media.getTracks()[0]);
+    $(id).textContent = `Stop my ${what}`;
+  } catch (err) { $("status").textContent = `${what}: ${err.message}`; }
+}
 
 function pose() {
   const auto = $("auto").checked;
@@ -79,4 +95,3 @@ function pose() {
 }
 for (const id of ["auto", "yaw", "pitch", "roll"]) $(id).oninput = pose;
 
-if (new URLSearchParams(location.search).has("mic")) setTimeout(() => $("mic").click(), 500);   // tests

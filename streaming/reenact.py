@@ -1,0 +1,205 @@
+"""``anitalker reenact``: a face on camera drives the portrait frame by frame (stage-1 motion encoder ->
+renderer; no audio model).
+
+Driving sources: a local webcam (OpenCV, read on its own thread; the newest frame wins), a video file (its
+own audio plays along), or the browser's camera over WebRTC (``--serve``: the page sends it and gets the
+avatar back on the same connection). The session is paced by audio as always: the microphone with
+``--mic`` (it leaves with the frame rendered when it arrived, so both carry the same delay), the clip's
+audio for ``--video``, otherwise silence. ``--video`` with only ``file:`` outputs runs offline, faster
+than real time.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+import time
+
+from models.errors import AnitalkerError
+
+from .live import _device, add_output_args, prepare_outputs, run_session
+from .session import Session
+from .sinks import PreviewSink
+
+# Reenactment has no lookahead: feed one frame ahead and never more than two, so a slow machine skips
+# driving frames (the newest wins) instead of queueing latency.
+LEAD_FRAMES, MAX_LEAD_FRAMES = 1, 2
+
+
+def add_reenact_parser(sub):
+    """Add ``reenact`` to an argparse subparsers object; returns its parser for the model options."""
+    p = sub.add_parser("reenact", help="a webcam, a video or the browser's camera drives the portrait",
+                       description="Face reenactment: the face on a camera or in a video drives the portrait "
+                       "in real time (or offline: --video with only file: outputs).")
+    p.add_argument("--portrait", metavar="IMAGE", help="portrait photo (default: the bundled one)")
+    p.add_argument("--webcam", metavar="N", help="camera number (`anitalker devices`), a stream URL or a "
+                   "video file played like a camera")
+    p.add_argument("--video", metavar="FILE", help="a video file; its audio plays along")
+    p.add_argument("--serve", action="store_true", help="the page sends the browser's camera and gets the "
+                   "avatar back over WebRTC; implies --to webrtc")
+    p.add_argument("--mic", nargs="?", const="", metavar="DEVICE", help="pass a microphone through, delayed "
+                   "like the video (default device, or a name or number from `anitalker devices`)")
+    p.add_argument("--mode", choices=("absolute", "relative"), default="absolute",
+                   help="absolute (default, as in the paper): the driving face's own motion; relative: the "
+                   "change from a calibration frame (taken at start, again with the page's button, `c` in "
+                   "the preview or the API's calibrate), for faces that differ a lot from the portrait")
+    p.add_argument("--smoothing", type=float, default=0.0, metavar="S", help="0 (default, none) to 1 "
+                   "(heavy): steadies a jittery camera at the cost of lag")
+    p.add_argument("--no-track", action="store_true", help="use whole driving frames (already cropped like "
+                   "the training data) instead of tracking and cropping the face")
+    add_output_args(p)
+    p.set_defaults(func=cmd_reenact)
+    return p
+
+
+class WebcamCapture:
+    """Frames from cv2.VideoCapture (camera number, URL or file) read on a thread into a LatestFrame, so a
+    slow engine always gets the newest frame; the ones it never took are counted there as stale. A file
+    is paced at its own frame rate, so it behaves like a camera. Opening happens at construction, so a
+    missing camera is reported before the models load."""
+
+    def __init__(self, source, slot=None):
+        import cv2
+
+        from avatar.reenact import LatestFrame
+
+        self.source, self.slot = source, slot if slot is not None else LatestFrame()
+        self.frames, self.ended = 0, False
+        level = cv2.utils.logging.getLogLevel()     # a missing camera is our one error line, not its warnings
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+        try:
+            self._cap = cv2.VideoCapture(source)
+        finally:
+            cv2.utils.logging.setLogLevel(level)
+        if not self._cap.isOpened():
+            raise AnitalkerError(f"cannot open camera {source}; `anitalker devices` lists the cameras")
+        fps = self._cap.get(cv2.CAP_PROP_FPS)
+        self._period = 1 / (fps if 1 <= fps <= 240 else 25) if isinstance(source, str) and os.path.isfile(source) \
+            else 0.0                      # a camera or stream is paced by itself
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="webcam", daemon=True)
+
+    def start(self) -> WebcamCapture:
+        self._thread.start()
+        return self
+
+    def _read(self) -> None:
+        due = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                ok, bgr = self._cap.read()
+                if not ok:                # the file ended or the camera went away: the engine holds, then eases
+                    self.ended = True
+                    return
+                self.slot.put(bgr[:, :, ::-1].copy(), time.monotonic())
+                self.frames += 1
+                if self._period:
+                    due += self._period
+                    self._stop.wait(max(0.0, due - time.monotonic()))
+        finally:
+            self._cap.release()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        else:
+            self._cap.release()
+
+
+def clip_audio(path):
+    """The clip's audio as a session source, or silence as long as the clip when it has none."""
+    import av
+    import numpy as np
+
+    from avatar.media import video_seconds
+
+    from .sources import FileSource, PcmSource
+    with av.open(path) as box:
+        if box.streams.audio:
+            return FileSource(path)
+    frames = round(video_seconds(path) * 25)
+
+    async def silence():
+        for _ in range(frames):
+            yield np.zeros(640, np.float32), 16000
+    return PcmSource(silence())
+
+
+def cmd_reenact(args, time_source=None) -> int:
+    from avatar.reenact import LatestFrame, ReenactConfig
+
+    if sum((args.webcam is not None, args.video is not None, args.serve)) != 1:
+        raise AnitalkerError("give one driving source: --webcam N, --video FILE or --serve")
+    if args.video is not None and not os.path.isfile(args.video):
+        raise AnitalkerError(f"video file not found: {args.video}")
+    if args.video is not None and args.mic is not None:
+        raise AnitalkerError("--mic goes with --webcam or --serve; a --video plays its own audio")
+    if not 0.0 <= args.smoothing <= 1.0:
+        raise AnitalkerError(f"--smoothing must be between 0 and 1, got {args.smoothing}")
+    config = ReenactConfig(mode=args.mode, crop=not args.no_track, smoothing=args.smoothing)
+    outs = [o.strip() for o in (args.to or "").split(",") if o.strip()]
+    if args.video is not None and outs and all(o.startswith("file:") and len(o) > 5 for o in outs):
+        return _offline(args, config, [o[5:] for o in outs])
+
+    sinks = prepare_outputs(args)           # preflight before the (slow) model load
+    capture = camera = None
+    if args.webcam is not None:
+        capture = WebcamCapture(_device(args.webcam))
+        driver = capture.slot
+    elif args.video is not None:
+        from avatar.media import read_video_frames
+        from avatar.reenact import TimedFrames
+        driver = TimedFrames(read_video_frames(args.video))
+    else:
+        driver = camera = LatestFrame()
+    if args.video is not None:
+        source = clip_audio(args.video)
+    elif args.mic is not None:
+        from .sources import MicSource
+        source = MicSource(_device(args.mic))
+    else:
+        source = None                       # silence paces the session until Ctrl-C
+    animator = make_reenactor(args, driver, config)
+    for s in sinks:
+        if isinstance(s, PreviewSink):      # its hotkey
+            s.on_key = lambda key: key == "c" and animator.calibrate()
+    session = Session(animator, sinks, time_source=time_source, lead_frames=LEAD_FRAMES,
+                      max_lead_frames=MAX_LEAD_FRAMES)
+    try:
+        if capture is not None:
+            capture.start()
+        run_session(session, source, args, camera=camera)
+    finally:
+        if capture is not None:
+            capture.stop()
+    return 0
+
+
+def make_reenactor(args, driver, config):
+    from avatar.pipeline import encode_portrait, load_models
+    from avatar.portrait import asset_path, load_image, prepare_portrait, to_tensor
+    from avatar.reenact import Reenactor
+
+    from .cli import speed_from_args
+    portrait = prepare_portrait(load_image(args.portrait or asset_path("portrait.jpg")), crop=not args.no_crop)
+    models = load_models(args.checkpoints, device=args.device, speed=speed_from_args(args), stage1_only=True)
+    return Reenactor(models, encode_portrait(models, to_tensor(portrait.image)), driver, config)
+
+
+def _offline(args, config, paths) -> int:
+    from avatar.offline import reenact_file
+    from avatar.pipeline import load_models
+    from avatar.portrait import asset_path
+
+    from .cli import speed_from_args
+    portrait = args.portrait or asset_path("portrait.jpg")
+    models = load_models(args.checkpoints, device=args.device, speed=speed_from_args(args), stage1_only=True)
+    print(f"reenacting {portrait} with {args.video} -> {', '.join(paths)} ({args.mode}, {models.device})",
+          file=sys.stderr)
+    timings = reenact_file(models, portrait, args.video, paths[0], config=config, crop=not args.no_crop)
+    for path in paths[1:]:
+        shutil.copyfile(paths[0], path)
+    print(f"wrote {', '.join(paths)}\n{timings.table()}", file=sys.stderr)
+    return 0
