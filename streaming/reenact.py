@@ -22,9 +22,11 @@ from .live import _device, add_output_args, prepare_outputs, run_session
 from .session import Session
 from .sinks import PreviewSink
 
-# Reenactment has no lookahead: feed one frame ahead and never more than two, so a slow machine skips
-# driving frames (the newest wins) instead of queueing latency.
-LEAD_FRAMES, MAX_LEAD_FRAMES = 1, 2
+# Reenactment has no lookahead: each frame is fed one slot ahead and renders the newest camera frame then.
+# The lead never grows: an engine slower than the clock repeats slots (and skips camera frames) instead of
+# queueing frames, each of which would add a whole render time of latency (bench/reenact.py: a lead of 2
+# doubled the capture->shown latency on a CPU).
+LEAD_FRAMES, MAX_LEAD_FRAMES = 1, 1
 
 
 def add_reenact_parser(sub):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -145,41 +146,136 @@ def test_guards():
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt install chromium)")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt install chromium)")
+@contextlib.contextmanager
+def chromium(url: str, profile):
+    """Headless Chromium on url, its fake microphone (a beep) and camera allowed without asking; killed after."""
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--autoplay-policy=no-user-gesture-required",
+             "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+             "--remote-debugging-port=0"]
+    browser = subprocess.Popen([CHROMIUM, *flags, url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        yield browser
+    finally:
+        os.killpg(browser.pid, signal.SIGKILL)       # Chromium and its helpers: one group, started here
+        browser.wait(10)
+
+
+async def until(check, timeout: float) -> bool:
+    """Poll check() every 0.1 s until it is true or timeout seconds have passed; its last answer."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
+
+
+def page_stats(server) -> dict:
+    """The getStats figures the page last sent (one browser)."""
+    return next((c.stats for c in server.clients if c.stats), {})
+
+
+async def all_gone(server) -> None:
+    """The dead browser's WebSocket and peer connection are freed."""
+    assert await until(lambda: not server.clients and not server.sink.viewers, 10)
+
+
+@needs_chromium
 def test_headless_chromium_plays_the_page(tmp_path):
     async def go(server, session):
         mic_in = []
         push = server._push
         server._push = lambda pcm, rate, **kw: (mic_in.append(len(pcm)), push(pcm, rate, **kw))  # count the mic
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path}", "--autoplay-policy=no-user-gesture-required",
-                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                 "--remote-debugging-port=0"]
-        browser = subprocess.Popen([CHROMIUM, *flags, f"http://127.0.0.1:{server.port}/?mic=1"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
+        with chromium(f"http://127.0.0.1:{server.port}/?mic=1", tmp_path):
             stats = {}
-            for _ in range(250):            # 25 s at most; usually ~5 s
-                await asyncio.sleep(0.1)
-                stats = next((c.stats for c in server.clients if c.stats), {})
-                if stats.get("framesDecoded", 0) >= 50 and stats.get("audioSamplesReceived", 0) >= 2 * 48000 \
-                        and stats.get("currentTime", 0) >= 2 and mic_in:
-                    break
+
+            def played():
+                nonlocal stats
+                stats = page_stats(server)
+                return stats.get("framesDecoded", 0) >= 50 and stats.get("audioSamplesReceived", 0) >= 2 * 48000 \
+                    and stats.get("currentTime", 0) >= 2 and mic_in
+            await until(played, 25)         # usually ~5 s
             print("browser stats:", stats)
             assert stats.get("framesDecoded", 0) >= 50, stats                   # >= 2 s of video
             assert stats.get("audioSamplesReceived", 0) >= 2 * 48000, stats     # >= 2 s of audio
             assert stats["framesDropped"] <= stats["framesDecoded"] // 4, stats      # lenient: CPU may be busy
             assert (stats["width"], stats["height"]) == (128, 128)
             assert sum(mic_in) > 0            # the fake microphone reached the session
-        finally:
-            os.killpg(browser.pid, signal.SIGKILL)       # Chromium and its helpers: one group, started here
-            browser.wait(10)
-        for _ in range(100):                 # the dead peer's WebSocket and connection are freed
-            if not server.clients and not server.sink.viewers:
-                break
-            await asyncio.sleep(0.1)
-        assert not server.clients and not server.sink.viewers
+        await all_gone(server)
     served(go)
+
+
+@needs_chromium
+def test_the_page_and_the_real_engine(tmp_path, tiny_checkpoints, one_thread):
+    """Browser mic -> WebRTC -> session -> the tiny StreamingAnimator -> WebRTC -> the page; then the text box
+    path (say) through the same engine."""
+    from websockets.asyncio.client import connect
+
+    from avatar.animator import StreamConfig, StreamingAnimator
+    from avatar.pipeline import encode_portrait, load_models
+    from avatar.portrait import asset_path, load_image, prepare_portrait, to_tensor
+    from conftest import TINY
+
+    models = load_models(tiny_checkpoints, "hubert_full_control", "cpu")
+    code = encode_portrait(models, to_tensor(prepare_portrait(load_image(asset_path("portrait.jpg"))).image))
+    animator = StreamingAnimator(models, code, StreamConfig(hop=5, context=5, lookahead=2, audio_context=10, steps=3))
+    size = TINY["stage1"]["size"]
+
+    async def go(server, session):
+        made = []                  # the engine's frames as released (not the clock's repeats): (peak, mean) of audio
+
+        async def collect():
+            async for frame in session.frames():
+                if not frame.meta.get("repeat"):
+                    assert frame.image.shape == (size, size, 3)
+                    made.append((float(np.abs(frame.audio).max()), float(frame.audio.mean())))
+        collector = asyncio.create_task(collect())
+        mic_in = []
+        push = server._push
+        server._push = lambda pcm, rate, **kw: (mic_in.append(len(pcm)), push(pcm, rate, **kw))
+        try:
+            with chromium(f"http://127.0.0.1:{server.port}/?mic=1", tmp_path):
+                stats = {}
+
+                def played():
+                    nonlocal stats
+                    stats = page_stats(server)
+                    return stats.get("framesDecoded", 0) >= 50 and stats.get("audioSamplesReceived", 0) >= 2 * 48000 \
+                        and sum(p > 1e-3 for p, _ in made) >= 5
+                await until(played, 30)
+                print("browser stats:", stats)
+                beeps = [p for p, _ in made if p > 1e-3]
+                print("DEBUG hist", np.histogram([p for p, _ in made], [0, 1e-9, 1e-6, 1e-4, 1e-3, 1e-2, 0.1, 2])[0])
+                print("DEBUG loud at", [i for i, (p, _) in enumerate(made) if p > 0.1], [round(p, 3) for p, _ in made if p > 1e-3])
+                print(f"engine frames {len(made)}, with mic sound {len(beeps)}, peaks {sorted(beeps)[-5:]}, "
+                      f"mic pushed {sum(mic_in)} samples")
+                assert stats.get("framesDecoded", 0) >= 50, stats                   # >= 2 s of the engine's video
+                assert stats.get("audioSamplesReceived", 0) >= 2 * 48000, stats
+                assert (stats["width"], stats["height"]) == (size, size), stats
+                assert sum(mic_in) > 0                        # the fake microphone reached the session ...
+                assert len(beeps) >= 5                        # ... and its beeps came out with the engine's frames
+                m = session.metrics.summary(session.clock)
+                print("metrics:", m)
+                for key in ("first_audio_to_frame_ms", "latency_p50_ms", "latency_p95_ms", "engine_p50_ms"):
+                    assert m[key] is not None and m[key] > 0, (key, m)
+            await all_gone(server)
+
+            # the text box's path: {"op": "say"} -> TTS (fake: 1 s of a constant level per sentence) -> the engine
+            said = len(made)
+            async with connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
+                assert json.loads(await ws.recv())["op"] == "config"
+                await ws.send(json.dumps({"op": "say", "text": "One. Two."}))
+                spoken = lambda: sum(mean > 0.05 for _, mean in made[said:])     # noqa: E731  the TTS's level
+                # until the speech is over: some spoken frames, then the engine idles in silence again
+                await until(lambda: spoken() and all(p < 1e-3 for p, _ in made[-5:]), 30)
+                print(f"spoken frames {spoken()} of {len(made) - said}")
+                assert spoken() >= 70                         # 75: 3 s of speech ("One", " Two", ""), edges aside
+        finally:
+            collector.cancel()
+    served(go, animator)
