@@ -22,11 +22,11 @@ from .live import _device, add_output_args, prepare_outputs, run_session
 from .session import Session
 from .sinks import PreviewSink
 
-# Reenactment has no lookahead: each frame is fed one slot ahead and renders the newest camera frame then.
-# The lead never grows: an engine slower than the clock repeats slots (and skips camera frames) instead of
-# queueing frames, each of which would add a whole render time of latency (bench/reenact.py: a lead of 2
-# doubled the capture->shown latency on a CPU).
-LEAD_FRAMES, MAX_LEAD_FRAMES = 1, 1
+# Reenactment has no lookahead. Two frames in flight (the one shown at this slot and the one being made
+# for the next) keep the engine busy without a gap, and each renders the newest camera frame when its
+# render starts, so latency is about one render time plus the wait for the slot. The lead never grows
+# beyond that: an engine slower than the clock repeats slots (and skips camera frames) instead of queueing.
+LEAD_FRAMES, MAX_LEAD_FRAMES = 2, 2
 
 
 def add_reenact_parser(sub):

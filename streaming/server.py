@@ -1,9 +1,9 @@
 """The avatar's server: one `websockets` server for the page (plain HTTP GET) and one WebSocket API.
 
 One session, one avatar: every client drives the same Session and every viewer sees it. A reenacting
-session (its animator has calibrate) is in reenact mode; given ``camera`` (a LatestFrame) it takes the
-browsers' cameras as its driving frames, the newest frame of any of them. GET / serves the
-page (streaming/static, no build step). /ws speaks JSON text messages, each {"op": ...}, plus binary PCM:
+session (its animator has calibrate) is in reenact mode; given ``camera`` (a LatestFrame) it takes a
+browser's camera as its driving frames (one camera at a time: the first that sends keeps it until it has
+been quiet for a second). GET / serves the page (streaming/static, no build step). /ws speaks JSON text messages, each {"op": ...}, plus binary PCM:
 
     -> {"op": "offer", "sdp": S}                      <- {"op": "answer", "sdp": S}  (WebRTC video + audio;
                                                          a sendrecv audio m-line carries the browser's mic,
@@ -50,6 +50,7 @@ PAGES = {"/": ("index.html", "text/html"), "/app.js": ("app.js", "text/javascrip
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_MESSAGE = 1 << 20
 MAX_TEXT = 5000
+CAMERA_HANDOVER_S = 1.0
 
 
 def check_bind(host: str, token: str | None) -> str | None:
@@ -69,6 +70,7 @@ class AvatarServer:
     def __init__(self, session, sink, *, host: str = "127.0.0.1", port: int = 8080, token: str | None = None,
                  max_clients: int = 8, tts=espeak_pcm, voice: str | None = None, camera=None):
         self.session, self.sink, self.host, self.port, self.camera = session, sink, host, port, camera
+        self._camera_owner = (None, 0.0)            # (client, time of its last frame)
         self.token = check_bind(host, token)
         self.max_clients, self.tts, self.voice = max_clients, tts, voice
         self.clients: set[Client] = set()
@@ -157,7 +159,7 @@ class AvatarServer:
                 client.pc = None
             def mic(pcm, rate):              # its own resampler; live: latency beats completeness
                 self._push(pcm, rate, live=True, stream=(client, "mic"))
-            on_video = None if self.camera is None else self.camera.put
+            on_video = None if self.camera is None else (lambda rgb, t: self._camera(client, rgb, t))
             client.pc, answer = await self.sink.connect(str(msg["sdp"]), on_audio=mic, on_video=on_video)
             await client.ws.send(json.dumps({"op": "answer", "sdp": answer}))
         elif op == "audio":
@@ -188,6 +190,15 @@ class AvatarServer:
             client.stats = {k: v for k, v in msg.items() if k != "op"}
         else:
             raise AnitalkerError(f"unknown op {op!r}; use offer, audio, say, interrupt, pose, calibrate or stats")
+
+    def _camera(self, client: Client, rgb, t: float) -> None:
+        """One camera drives at a time: frames from two browsers interleaved would make the face jump
+        between people. The driving one keeps it until it has sent nothing for CAMERA_HANDOVER_S."""
+        owner, last = self._camera_owner
+        if owner is not client and owner in self.clients and t - last < CAMERA_HANDOVER_S:
+            return
+        self._camera_owner = (client, t)
+        self.camera.put(rgb, t)
 
     def _pcm(self, client: Client, data: bytes) -> None:
         if client.rate is None:

@@ -301,3 +301,24 @@ def test_browser_camera_drives_the_avatar(tmp_path, engine):
             await asyncio.sleep(0.1)
         assert not server.sink.viewers
     served(go, animator, camera=slot)
+
+
+def test_one_browser_camera_drives_at_a_time():
+    """Two pages sending cameras: the first keeps the face until it has been quiet for a second."""
+    pytest.importorskip("aiortc")
+    from streaming.server import CAMERA_HANDOVER_S, AvatarServer, Client
+    from streaming.webrtc import WebRTCSink
+
+    slot = LatestFrame()
+    server = AvatarServer(Session(ToneAnimator()), WebRTCSink(), camera=slot)
+    a, b = Client(None), Client(None)
+    server.clients |= {a, b}
+    frame = lambda v: np.full((4, 4, 3), v, np.uint8)          # noqa: E731
+    server._camera(a, frame(1), 10.0)
+    server._camera(b, frame(2), 10.1)                           # ignored: a is driving
+    assert slot.take(0)[0][0, 0, 0] == 1
+    server._camera(b, frame(2), 10.0 + CAMERA_HANDOVER_S + 0.1)  # a went quiet: b takes over
+    assert slot.take(0)[0][0, 0, 0] == 2
+    server.clients.discard(b)
+    server._camera(a, frame(3), 11.2)                           # b left: a may drive again at once
+    assert slot.take(0)[0][0, 0, 0] == 3

