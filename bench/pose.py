@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from avatar.portrait import crop_box, detect_face  # noqa: E402
-from training.pose import YAW_GAIN, _cascade, frame_controls  # noqa: E402
+from training.pose import JAW_FRONTAL, PITCH_GAIN_DOWN, PITCH_GAIN_UP, YAW_GAIN, _cascade, frame_controls  # noqa: E402
 
 SIZE, CROP_SCALE = 256, 1.92
 ROLLS = np.arange(-30, 31, 5)
@@ -74,9 +74,10 @@ def ellipsoid(img: np.ndarray, yaw: float, pitch: float, centre, axes) -> np.nda
     return cv2.remap(img, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
 
 
-def summary(angles, est) -> dict:
+def summary(angles, est, base: float | None = None) -> dict:
+    """Errors of est - base against angles; base defaults to the estimate at angle 0 of the same series."""
     est = np.asarray(est, dtype=np.float64)
-    base = est[list(angles).index(0)]
+    base = est[list(angles).index(0)] if base is None else base
     err = est - base - angles
     ok = ~np.isnan(err)
     core = ok & (np.abs(angles) <= 30)
@@ -100,7 +101,8 @@ def main() -> int:
     from skimage.data import astronaut
 
     cascades = _cascade("eye"), _cascade("profileface")
-    results = {"platform": platform.platform(), "yaw_gain": YAW_GAIN, "faces": {}}
+    results = {"platform": platform.platform(), "yaw_gain": YAW_GAIN, "jaw_frontal": JAW_FRONTAL,
+               "pitch_gain_down": PITCH_GAIN_DOWN, "pitch_gain_up": PITCH_GAIN_UP, "faces": {}}
     for name, photo in (("astronaut", astronaut()), ("astronaut_mirror", np.ascontiguousarray(astronaut()[:, ::-1]))):
         box = detect_face(photo)
         x0, y0, x1, y1 = crop_box(box, photo.shape, CROP_SCALE)
@@ -115,16 +117,23 @@ def main() -> int:
         axes = (0.6 * bw, 0.75 * bw, 0.6 * bw)
         rolled = [crop(cv2.warpAffine(photo, cv2.getRotationMatrix2D(centre, float(a), 1.0), photo.shape[1::-1],
                                       borderMode=cv2.BORDER_REFLECT)) for a in ROLLS]
-        res = {"roll": summary(ROLLS, [frame_controls(c, *cascades)[1] for c in rolled])}
+        res = {"roll": summary(ROLLS, [frame_controls(c, *cascades)[2] for c in rolled])}
         for proxy, warp in (("planar", lambda y, p: planar(base, y, p, fc)),
                             ("ellipsoid", lambda y, p: ellipsoid(base, y, p, fc, axes))):
-            res[f"yaw_{proxy}"] = summary(YAWS, [frame_controls(warp(a, 0), *cascades)[0] for a in YAWS])
+            yawed = np.array([frame_controls(warp(a, 0), *cascades) for a in YAWS])
+            res[f"yaw_{proxy}"] = summary(YAWS, yawed[:, 0])
             pitched = np.array([frame_controls(warp(0, a), *cascades) for a in PITCHES])
-            # pitch is not estimated (always 0): its "estimate" is 0 wherever a face is found
-            res[f"pitch_{proxy}"] = summary(PITCHES, np.where(np.isnan(pitched[:, 2]), np.nan, 0.0))
-            # cross-talk: how far yaw moves when only pitch changes
+            res[f"pitch_{proxy}"] = summary(PITCHES, pitched[:, 1])
+            # cross-talk: how far yaw moves when only pitch changes, and pitch when only yaw changes (|yaw| <= 30)
             dy = np.abs(pitched[:, 0] - pitched[list(PITCHES).index(0), 0])
             res[f"pitch_{proxy}"]["yaw_shift_max"] = None if np.isnan(dy).all() else round(float(np.nanmax(dy)), 2)
+            core = np.abs(YAWS) <= 30
+            dp = np.abs(yawed[core, 1] - yawed[list(YAWS).index(0), 1])
+            res[f"yaw_{proxy}"]["pitch_shift_max"] = None if np.isnan(dp).all() else round(float(np.nanmax(dp)), 2)
+            # combined: pitch -30..30 at yaw +-20, errors relative to the unwarped crop's pitch
+            for y in (-20, 20):
+                both = np.array([frame_controls(warp(y, a), *cascades) for a in PITCHES])
+                res[f"pitch_{proxy}_yaw{y:+d}"] = summary(PITCHES, both[:, 1], base=pitched[list(PITCHES).index(0), 1])
         results["faces"][name] = res
     out = ROOT / "bench" / "results" / "pose.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
@@ -136,8 +145,10 @@ def main() -> int:
                   f"{s['sign_right_beyond_10']!s:>8} {s['gain_within_30']!s:>5} {s.get('beyond_60_flagged')!s:>5} {s['at_zero']!s:>6}")
     for name, res in results["faces"].items():
         print(name, "yaw shift under pitch -30..30 (max):", res["pitch_planar"]["yaw_shift_max"], "planar,",
-              res["pitch_ellipsoid"]["yaw_shift_max"], "ellipsoid")
-        for key in ("roll", "yaw_ellipsoid", "yaw_planar"):
+              res["pitch_ellipsoid"]["yaw_shift_max"], "ellipsoid;", "pitch shift under yaw -30..30 (max):",
+              res["yaw_planar"]["pitch_shift_max"], "planar,", res["yaw_ellipsoid"]["pitch_shift_max"], "ellipsoid")
+        for key in ("roll", "yaw_ellipsoid", "yaw_planar", "pitch_ellipsoid", "pitch_ellipsoid_yaw-20",
+                    "pitch_ellipsoid_yaw+20", "pitch_planar"):
             print(name, key, dict(zip(res[key]["angles"], res[key]["estimate"])))
     print(f"wrote {out.relative_to(ROOT)}")
     return 0

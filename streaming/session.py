@@ -149,6 +149,7 @@ class Session:
         x = np.asarray(samples, np.float32).reshape(-1)
         if rate != SAMPLE_RATE:
             x = self._push_resamplers.setdefault((stream, rate), Resampler(rate))(x)
+        x = np.clip(x, -1.0, 1.0)           # a full-scale tone overshoots a little when resampled
         try:
             self._inq.put_nowait((x, self.time.now(), live))
         except asyncio.QueueFull:
@@ -236,6 +237,7 @@ class Session:
                 pass
             self._drop_late_live()
         budget = (self.lead + self._extra) * SAMPLES_PER_FRAME - (self._fed - self._released)
+        pieces, start = [], self._fed       # one push per slot: 20 ms packets would each cost a worker round trip
         while budget > 0 and (self._pending or self._take()):
             x, t, is_live = self._pending.popleft()
             if len(x) > budget:
@@ -243,9 +245,12 @@ class Session:
                 x = x[:budget]
             if self.metrics.first_in is None:
                 self.metrics.first_in = t
-            self._arrivals.append((self._fed, self._fed + len(x), t))
-            self._submit("push", AudioChunk(x, self._fed))
+            at = start + sum(len(p) for p in pieces)
+            self._arrivals.append((at, at + len(x), t))
+            pieces.append(x)
             budget -= len(x)
+        if pieces:
+            self._submit("push", AudioChunk(np.concatenate(pieces) if len(pieces) > 1 else pieces[0], start))
         if self._pending or self._flushing:
             return
         if self._source_done and self.stop_at_end:

@@ -251,7 +251,7 @@ def test_the_page_and_the_real_engine(tmp_path, tiny_checkpoints, one_thread):
                 await until(played, 30)
                 print("browser stats:", stats)
                 beeps = [p for p, _ in made if p > 0.1]      # the fake mic's beep (~full scale, twice a second)
-                print(f"engine frames {len(made)}, with mic sound {len(beeps)}, peaks {[round(p, 3) for p in beeps]}, "
+                print(f"engine frames {len(made)}, with the beep {len(beeps)}, peaks {np.round(beeps, 3)}, "
                       f"mic pushed {sum(mic_in)} samples")
                 assert stats.get("framesDecoded", 0) >= 50, stats                   # >= 2 s of the engine's video
                 assert stats.get("audioSamplesReceived", 0) >= 2 * 48000, stats

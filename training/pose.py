@@ -52,13 +52,14 @@ from avatar.portrait import detect_face
 ROLL_SEARCH = (0.0, 20.0, -20.0, 35.0, -35.0)   # de-rotations tried until a face with two eyes is found
 YAW_GAIN = 0.48          # eye-midpoint offset / skin half width per unit sin(yaw), fitted on the ellipsoid proxy
 SKIN_DIST = 9.0          # squared Mahalanobis distance in CrCb that still counts as skin (3 sigma)
-# pitch cue (see jaw_drop): the row where the skin is JAW_WIDTH eye distances wide, JAW_FRONTAL eye
-# distances below the eye line on a frontal face (a prior: the astronaut's value, taken as pitch 0),
-# rising toward the eyes by PITCH_GAIN_DOWN sin(pitch) looking down, falling by PITCH_GAIN_UP looking up
-JAW_WIDTH = 1.9
-JAW_FRONTAL = 0.79
-PITCH_GAIN_DOWN = 0.70
-PITCH_GAIN_UP = 0.35
+# pitch cue (see jaw_drop): the rows where the skin narrows to JAW_WIDTHS eye distances lie on average
+# JAW_FRONTAL eye distances below the eye line on a frontal face (a prior: the astronaut's value, taken
+# as pitch 0) and rise toward the eyes by PITCH_GAIN_DOWN sin(pitch) looking down, fall by PITCH_GAIN_UP
+# sin(-pitch) looking up; all four fitted on the ellipsoid proxy at yaw 0 (bench/pose.py)
+JAW_WIDTHS = (1.9, 2.0, 2.1, 2.2)
+JAW_FRONTAL = 0.672
+PITCH_GAIN_DOWN = 0.60
+PITCH_GAIN_UP = 0.47
 SMOOTH = 5               # running-median width, frames
 # OpenCV's profile cascade fires on faces whose nose points to image left, from yaw ~45 (ellipsoid proxy)
 # to 80; frames seen only by it get this |yaw|, so clips of profiles meet preprocess's max_yaw filter
@@ -130,10 +131,10 @@ def skin_offset(skin: np.ndarray, el: np.ndarray, er: np.ndarray) -> float | Non
 
 
 def jaw_drop(skin: np.ndarray, el: np.ndarray, er: np.ndarray) -> float | None:
-    """(row where the skin narrows to JAW_WIDTH eye distances - eye row) / eye distance, in an upright
-    face: the first row below the eyes whose skin pixels within +-1.6 eye distances of the midpoint
-    (closed 5x5, rows averaged over 5) number fewer than JAW_WIDTH x the eye distance. None when the
-    face is too small or no such row lies in the crop."""
+    """How far below the eye line the face narrows, in eye distances, in an upright face: per row below
+    the eyes, the skin pixels within +-1.6 eye distances of the eye midpoint (mask closed 5x5, rows
+    averaged over 5), divided by the eye distance; for each of JAW_WIDTHS the first row narrower than it;
+    their mean - eye row. None when the face is too small or the face never narrows in the crop."""
     mid, d = (el + er) / 2, float(er[0] - el[0])
     if d < 8:
         return None
@@ -143,8 +144,9 @@ def jaw_drop(skin: np.ndarray, el: np.ndarray, er: np.ndarray) -> float | None:
         return None
     band = cv2.morphologyEx(skin[:bottom, lo:hi].astype(np.uint8), cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
     width = np.convolve(band.sum(1) / d, np.ones(5) / 5, "same")[top:bottom]
-    narrow = np.flatnonzero(width < JAW_WIDTH)
-    return None if len(narrow) == 0 else (top + narrow[0] - mid[1]) / d
+    rows = [np.flatnonzero(width < t) for t in JAW_WIDTHS]
+    rows = [r[0] for r in rows if len(r)]
+    return None if not rows else (top + float(np.mean(rows)) - mid[1]) / d
 
 
 def pitch_from_jaw(drop: float) -> float:
