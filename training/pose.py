@@ -1,7 +1,8 @@
 """Default controls estimator for data preparation: head pose, face location and face scale from
 OpenCV's bundled Haar cascades, offline, no model files (training/preprocess.py calls ``estimate``).
 
-Per 256 px crop (~70 ms on this 2-core machine, ~50 of them the face detection preprocess already paid):
+Per 256 px crop (~70 ms on this 2-core machine, ~50 of them the face detection preprocess already paid;
+the pitch cue adds < 0.1 ms):
   * face box: the frontal-face cascade (avatar.portrait.detect_face) on the crop de-rotated by
     0, +-20, +-35 degrees, the first angle where the box also holds an eye pair, because the cascade
     misses faces rolled beyond ~20 degrees;
@@ -12,8 +13,21 @@ Per 256 px crop (~70 ms on this 2-core machine, ~50 of them the face detection p
     on a head the eyes move toward the side the face turns to while the cheek outline stays, so
     offset / half width = YAW_GAIN sin(yaw); YAW_GAIN was fitted on the ellipsoid proxy below.
     Crops where only the profile cascade fires (|yaw| > ~45) get +-PROFILE_YAW (70);
-  * pitch: NOT estimated, always 0. The cues tried (eye height in the Haar box, forehead height above
-    the eyes) did not follow pitch on either proxy, so 0 is written rather than a number that looks real;
+  * pitch: how far below the eye line the face narrows (jaw_drop): in the same levelled face and skin
+    mask, the rows below the eyes where the skin (within +-1.6 eye distances of the eye midpoint) gets
+    narrower than 1.9, 2.0, 2.1, 2.2 eye distances, i.e. the jaw outline, averaged, in eye distances
+    below the eye line. Looking down the eyes move down toward the jaw outline, looking up away from it:
+    JAW_FRONTAL - drop = gain sin(pitch), gain PITCH_GAIN_DOWN (0.60) or PITCH_GAIN_UP (0.47). Absolute,
+    no per-clip neutral, through a PRIOR: JAW_FRONTAL = 0.672 is the astronaut's own value (mean of the
+    photo and its mirror, which read -4 and +3 against it) taken as pitch 0; the population value is
+    unmeasured. The thresholds and both gains were chosen and fitted on the ellipsoid proxy at yaw 0.
+    Rejected, same warps (ellipsoid and planar, yaw 0 and +-20; each fitted like this one; MAE within
+    +-30, always-0 scores 16): eye height in the Haar box (the box follows the features: gain 0.017 box
+    heights per sin, MAE 12-56), eye line between the top and bottom skin edges at the midline (blond
+    hair and the neck are skin-coloured, the edges jump: 28-67), eye-to-mouth over eye distance or box
+    height (about cos(pitch), no sign; the darkest band jumps below the mouth looking down: 15-20), the
+    skin's lower end in fixed columns beside the mouth (6-8 at yaw 0, 7-39 with yaw), one width threshold
+    (1.8 eye distances: 44, the width profile plateaus near it; 2.0 alone is as good as the four);
   * location = box centre x / 256 and scale = 0.95 x box height / 256 (a Haar box spans mid-forehead to
     lower lip; 0.95 h approximates the paper's inner brows to chin; not calibrated against its
     68-landmark definition, expect errors of a few % of the crop width).
@@ -27,20 +41,28 @@ subject turns to their right); pitch > 0: looking down; roll > 0: the face rotat
 the image (the eye on the image right is higher). Derived from that code, not checked by running it.
 
 Accuracy, ``python bench/pose.py`` (bench/results/pose.json): the astronaut photo and its mirror image,
-errors relative to the estimate on the unrotated crop (the photo's own pose is unknown), per-crop
+errors relative to the estimate on the unwarped crop (the photo's own pose is unknown), per-crop
 values without smoothing; MAE and max over |angle| <= 30, gain = fitted slope of estimate on angle.
-  axis, proxy                          MAE     max    gain   notes
-  roll, in-plane rotation (exact)      0.6-0.7 1.9    0.97   -30..30, all found
-  yaw, ellipsoid head (in-sample gain) 3.2-4.1 7.5-15 1.02   right sign from |yaw| >= 10; >45: profile 70
-  yaw, planar homography (f = 256 px)  7.5-9.1 23     0.5    right sign 92-100 %; reads half the angle
-  pitch                                = mean |pitch| (always 0)
-  yaw under pitch-only warps of +-30: moves by up to 12-20 deg (one crop 32), mostly < 12
+  axis, proxy                          MAE     max    gain    notes
+  roll, in-plane rotation (exact)      0.6-0.7 1.9    0.97    -30..30, all found
+  yaw, ellipsoid head (in-sample gain) 3.2-4.1 7.5-15 1.02    right sign from |yaw| >= 10; >45: profile 70
+  yaw, planar homography (f = 256 px)  7.5-9.1 23     0.5     right sign 92-100 %; reads half the angle
+  pitch, ellipsoid head, yaw 0         3.5-3.7 6-12   1.0     in-sample (gains, prior, thresholds); sign 100 %
+  pitch, ellipsoid head, yaw +-20      3.5-12  6-30   0.4-1.1 sign 60-100 % (worst: mirror, yaw -20, looking up)
+  pitch, planar homography, yaw 0      7.2-8.0 15-20  0.5     sign 100 %; reads half the angle
+  pitch, planar homography, yaw +-20   7.4-13  17-27  0.4-0.6 sign 80-100 %
+  (before the pitch cue: pitch = 0 always, MAE 16.2, max 30 on every row)
+  pitch at the unwarped crop (absolute): -4.1 photo, +3.3 mirror (the prior is their mean)
+  cross-talk, single frames: yaw moves by up to 12-32 deg under pitch-only warps of +-30, pitch by up to
+  13-32 deg under yaw-only warps of +-30 (the running median damps such outliers)
 The planar proxy (a photo tilted about an axis through the face centre) has no depth, so the nose does
-not move against the cheeks: it underestimates real 3D head-rotation effects, and this method reads
-about half the angle on it. The ellipsoid proxy moves features against the outline as a head does, but
-YAW_GAIN was fitted on it, so real heads (a protruding nose, hair over the cheeks, beards) will differ by
-an unmeasured factor. Use this estimator for roll, coarse yaw and the |yaw| filter; plug in a landmark or
-3DMM estimator (e.g. 3DDFA_V2, as the official data) for pitch and accurate yaw.
+not move against the cheeks nor the eyes against the jaw: it underestimates real 3D head-rotation
+effects, and this method reads about half the angle on it. The ellipsoid proxy moves features against
+the outline as a head does, but YAW_GAIN, the pitch gains, thresholds and prior were fitted on it, so real
+heads (a protruding nose, a jaw whose outline is a true occluding contour, hair over the cheeks or jaw,
+beards, a skin-coloured neck under a raised chin) will differ by an unmeasured factor and offset; one
+face is all the prior rests on. Use this estimator for roll, coarse yaw, coarse pitch and the |yaw|
+filter; plug in a landmark or 3DMM estimator (e.g. 3DDFA_V2, as the official data) for accurate pose.
 """
 from __future__ import annotations
 
@@ -210,7 +232,7 @@ def fill_and_smooth(a: np.ndarray, default: float) -> np.ndarray:
 
 
 class HaarPoseEstimator:
-    """Pose (yaw, pitch=0, roll) in degrees, location and scale of every crop (see the module docstring)."""
+    """Pose (yaw, pitch, roll) in degrees, location and scale of every crop (see the module docstring)."""
 
     def __init__(self):
         self.eye, self.profile = _cascade("eye"), _cascade("profileface")

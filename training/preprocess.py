@@ -17,9 +17,10 @@ Estimators are pluggable (``estimator=package.module:factory``; the factory retu
 ``estimate(frames (T, 256, 256, 3) uint8) -> {"pose"?: (T, 3) degrees, "location"?: (T,), "scale"?: (T,)}``).
 The default, ``training.pose:HaarPoseEstimator``, needs nothing beyond OpenCV's bundled cascades and
 works offline: roll within ~1 degree, yaw within ~3-4 degrees MAE on an ellipsoid head proxy up to
-+-30 (profiles read as +-70), pitch NOT estimated (always 0), location/scale from the Haar box (a few %
-of the crop width); training/pose.py has the method and the measurements. Plug in a landmark / 3DMM
-estimator (e.g. 3DDFA_V2, as the official data used) for pitch and accurate yaw.
++-30 (profiles read as +-70), pitch coarse (3.5-12 degrees MAE on the proxies, from the jaw outline
+against a frontal reference taken from one face, so expect a per-person offset), location/scale from the
+Haar box (a few % of the crop width); training/pose.py has the method and the measurements. Plug in a
+landmark / 3DMM estimator (e.g. 3DDFA_V2, as the official data used) for accurate pitch and yaw.
 
 A run that stops is resumed by running it again: finished and rejected clips are skipped.
 
