@@ -145,6 +145,13 @@ def test_guards():
     served(go, token="s3cret", max_clients=1)
 
 
+def count_pushes(server) -> list:
+    """The sizes of the audio pieces the server pushes into the session (the page's microphone)."""
+    sizes, push = [], server._push
+    server._push = lambda pcm, rate, **kw: (sizes.append(len(pcm)), push(pcm, rate, **kw))
+    return sizes
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt install chromium)")
 
@@ -189,9 +196,7 @@ async def all_gone(server) -> None:
 @needs_chromium
 def test_headless_chromium_plays_the_page(tmp_path):
     async def go(server, session):
-        mic_in = []
-        push = server._push
-        server._push = lambda pcm, rate, **kw: (mic_in.append(len(pcm)), push(pcm, rate, **kw))  # count the mic
+        mic_in = count_pushes(server)
         with chromium(f"http://127.0.0.1:{server.port}/?mic=1", tmp_path):
             stats = {}
 
@@ -236,9 +241,7 @@ def test_the_page_and_the_real_engine(tmp_path, tiny_checkpoints, one_thread):
                     shapes.add(frame.image.shape)
                     made.append((float(np.abs(frame.audio).max()), float(frame.audio.mean())))
         collector = asyncio.create_task(collect())
-        mic_in = []
-        push = server._push
-        server._push = lambda pcm, rate, **kw: (mic_in.append(len(pcm)), push(pcm, rate, **kw))
+        mic_in = count_pushes(server)
         try:
             with chromium(f"http://127.0.0.1:{server.port}/?mic=1", tmp_path):
                 stats = {}
