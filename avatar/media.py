@@ -84,7 +84,8 @@ def load_audio(path) -> np.ndarray:
 
 
 def read_video_frames(path):
-    """Decode a video's first video track lazily -> iterator of (t_seconds, uint8 (H, W, 3) RGB).
+    """Decode a video's first video track lazily -> iterator of (t_seconds, uint8 (H, W, 3) RGB), upright
+    (a display rotation is applied).
 
     t is the frame's presentation time from the start of the track, so a variable-rate clip keeps its
     timing. The file is opened here, so a missing file or a file without video fails at the call.
@@ -116,6 +117,14 @@ def video_seconds(path) -> float:
     return info["frames"] / (info["fps"] or 25)
 
 
+def _upright(frame) -> np.ndarray:
+    """A decoded frame as shown: phone clips store the picture sideways and a display rotation (the
+    display matrix) with it; players, OpenCV and ffmpeg apply it, so the face is upright only then."""
+    img = frame.to_ndarray(format="rgb24")
+    k = round((getattr(frame, "rotation", 0) or 0) / 90) % 4      # degrees counterclockwise
+    return np.ascontiguousarray(np.rot90(img, k)) if k else img
+
+
 def _frames(container, path):
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"                 # frame threads: decoding keeps up with a live engine
@@ -128,7 +137,7 @@ def _frames(container, path):
                 else:
                     t = float(frame.pts * frame.time_base)
                 start = t if start is None else start
-                yield t - start, frame.to_ndarray(format="rgb24")
+                yield t - start, _upright(frame)
         except (av.FFmpegError, ValueError) as e:
             raise AnitalkerError(f"cannot decode video from {path}: {e}") from e
 

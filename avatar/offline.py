@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,30 +112,31 @@ def reenact_file(models: Models, portrait_path, video_path, out_path, *, config:
         portrait = prepare_portrait(original, crop=crop)
         code = encode_portrait(models, to_tensor(portrait.image))
     frames = read_video_frames(video_path)        # checks the file and its video track first
-    seconds = video_seconds(video_path)
-    try:
-        wave = load_audio(video_path)
-    except AnitalkerError:                        # a clip without sound is driven over silence
-        wave = None
-    n_samples = max(SAMPLES_PER_FRAME, round(seconds * SAMPLE_RATE))
-    track = np.zeros(n_samples, np.float32)
-    if wave is not None:
-        track[:min(len(wave), n_samples)] = wave[:n_samples]
-    animator = Reenactor(models, code, TimedFrames(frames), config)
-    paste = PasteBack(original, portrait.box) if paste_back and portrait.box is not None else None
-    step = 16 * 20                                # 20 ms chunks, as a live source pushes them
+    with closing(frames):                         # the decoder's file is closed also when writing fails
+        seconds = video_seconds(video_path)
+        try:
+            wave = load_audio(video_path)
+        except AnitalkerError:                    # a clip without sound is driven over silence
+            wave = None
+        n_samples = max(SAMPLES_PER_FRAME, round(seconds * SAMPLE_RATE))
+        track = np.zeros(n_samples, np.float32)
+        if wave is not None:
+            track[:min(len(wave), n_samples)] = wave[:n_samples]
+        animator = Reenactor(models, code, TimedFrames(frames), config)
+        paste = PasteBack(original, portrait.box) if paste_back and portrait.box is not None else None
+        step = 16 * 20                            # 20 ms chunks, as a live source pushes them
 
-    def out_frames():
-        with tqdm(total=-(-n_samples // SAMPLES_PER_FRAME), desc="reenact", unit="frame",
-                  disable=not progress) as bar:
-            for i in range(0, n_samples + 1, step):
-                out = animator.push(AudioChunk(track[i:i + step], i)) if i < n_samples else animator.flush()
-                bar.update(len(out))
-                for f in out:
-                    yield paste(f.image) if paste is not None else f.image
+        def out_frames():
+            with tqdm(total=-(-n_samples // SAMPLES_PER_FRAME), desc="reenact", unit="frame",
+                      disable=not progress) as bar:
+                for i in range(0, n_samples + 1, step):
+                    out = animator.push(AudioChunk(track[i:i + step], i)) if i < n_samples else animator.flush()
+                    bar.update(len(out))
+                    for f in out:
+                        yield paste(f.image) if paste is not None else f.image
 
-    t0 = time.perf_counter()
-    write_mp4(out_path, out_frames(), track)
+        t0 = time.perf_counter()
+        write_mp4(out_path, out_frames(), track)
     timings.seconds.update(animator.timings)
     timings.seconds["encode"] = time.perf_counter() - t0 - sum(animator.timings.values())
     return timings

@@ -35,6 +35,9 @@ MIN_CUTOFF_HZ = 0.25
 # The tracker's box in units of the image's short side: detections jitter by a few pixels, a moving
 # head travels a fraction of the frame per second.
 BOX_MIN_CUTOFF, BOX_BETA = 1.0, 5.0
+# A live driver (camera) that gives no frame for this long has stopped (unplugged, the page's camera
+# switched off): that counts as a lost face, so the portrait eases to neutral instead of freezing.
+STALL_S = 0.5
 
 
 class OneEuro:
@@ -61,12 +64,16 @@ class OneEuro:
 
     def __call__(self, x: np.ndarray, t: float) -> np.ndarray:
         x = np.asarray(x, np.float64)
+        finite = np.isfinite(x)
         if self._x is None:
+            if not finite.all() or not math.isfinite(t):   # a NaN state would never recover: do not keep it
+                return x.copy()
             self._x, self._dx, self._t = x, np.zeros_like(x), t
             return x.copy()
         dt = t - self._t
-        if dt <= 0:                                      # no time passed: nothing to filter by
+        if not dt > 0:                                   # no time passed (or a NaN time): nothing to filter by
             return self._x.copy()
+        x = np.where(finite, x, self._x)                 # a non-finite value holds that dimension
         dx = (x - self._x) / dt
         self._dx = self._dx + self._alpha(dt, self.d_cutoff) * (dx - self._dx)
         a = self._alpha(dt, self.min_cutoff + self.beta * np.abs(self._dx))
@@ -111,6 +118,18 @@ class ReenactConfig:
             return np.where(s > 0, MIN_CUTOFF_HZ / s ** 2, np.inf)
 
 
+def as_rgb(img: np.ndarray) -> np.ndarray:
+    """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 -> (H, W, 3): grey is repeated, alpha dropped."""
+    img = np.asarray(img)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.ndim != 3 or img.shape[2] not in (1, 3, 4) or img.shape[0] < 1 or img.shape[1] < 1:
+        raise AnitalkerError(f"a driving frame must be an (H, W, 3) RGB image, not shape {img.shape}")
+    if img.dtype != np.uint8:
+        img = np.clip(img, 0, 255).astype(np.uint8)
+    return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img[:, :, :3] if img.shape[2] == 4 else img
+
+
 def _resize(img: np.ndarray, size: int) -> np.ndarray:
     if img.shape[:2] == (size, size):
         return np.ascontiguousarray(img)
@@ -134,11 +153,16 @@ class FaceTracker:
 
     def reset(self) -> None:
         self.box = None
+        self._shape = None         # (H, W) of the frame the box belongs to
         self._since = 0            # frames since the last detection
         self._filter.reset()
 
     def __call__(self, rgb: np.ndarray, t: float) -> np.ndarray | None:
         """(size, size, 3) uint8 crop of the face, or None while the face is lost."""
+        rgb = as_rgb(rgb)
+        if rgb.shape[:2] != self._shape:   # a new frame size (a browser adapting its camera): the box and
+            self.reset()                   # its filter are in the old frame's pixels, so detect afresh
+            self._shape = rgb.shape[:2]
         if self.box is None or self._since >= self.detect_every:
             self._detect(rgb, t)
         self._since += 1
@@ -262,6 +286,7 @@ class Reenactor:
         self._from, self._resume_t = self.alpha0, -math.inf
         self._target = self._held = self._out = self.alpha0
         self._captured_at = None
+        self._taken_t = -math.inf            # output time of the last driving frame taken
         self._image = self._image_alpha = None
         self._audio = np.zeros(0, np.float32)
         self._pts = 0
@@ -304,13 +329,19 @@ class Reenactor:
             pts = self._pts
             self._pts += 1
             item = self.driver.take(pts) if self.driver is not None else None
+            live = getattr(self.driver, "live", False)
             rgb = None
             meta = {}
+            t = pts / FPS
             if item is not None:
                 rgb, self._captured_at = item
-                if getattr(self.driver, "live", False):     # capture -> shown latency (session metrics)
+                self._taken_t = t
+                if live:                                     # capture -> shown latency (session metrics)
                     meta["captured_at"] = self._captured_at
-            self._update(rgb, pts / FPS)
+            elif live and self._following and t - self._taken_t > STALL_S:
+                self._stop_following()                       # the camera stopped: ease from now, no jump
+                self._seen = max(self._seen, t - self.config.hold_s)
+            self._update(rgb, t)
             if self._image is None or not np.array_equal(self._out, self._image_alpha):
                 self._image = self._timed("render", self._render, self._out)
                 self._image_alpha = self._out
@@ -344,6 +375,7 @@ class Reenactor:
 
     def _calibration_code(self, image) -> np.ndarray | None:
         """Raw motion code of a whole calibration frame (cropped around its face when crop is on)."""
+        image = as_rgb(image)
         if self.config.crop:
             face = detect_face(image)
             if face is None:
@@ -358,7 +390,8 @@ class Reenactor:
         Following a face: the (relative, smoothed) code of the newest frame, blended in over resume_s
         when the face comes back. A detection that finds no face: hold the last output until hold_s after
         the last face, then ease to alpha0 over ease_s. No new frame changes nothing (a frame stands until
-        the next one, as in a video); a capture thread whose camera stops should keep putting blank frames.
+        the next one, as in a video); in push, a live driver that gives nothing for STALL_S counts as a
+        lost face.
         """
         self._update(rgb, t)
         return torch.tensor(self._out, device=self.models.device)
@@ -375,6 +408,7 @@ class Reenactor:
                 else:                        # no image, or no face in it: use the next tracked frame
                     self._calib_next = True
         if rgb is not None:
+            rgb = as_rgb(rgb)
             crop = self._timed("track", self._crop, rgb, t)
             if crop is None:
                 self._stop_following()

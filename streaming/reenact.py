@@ -68,6 +68,9 @@ class WebcamCapture:
 
         self.source, self.slot = source, slot if slot is not None else LatestFrame()
         self.frames, self.ended = 0, False
+        if isinstance(source, str) and "://" not in source and not os.path.exists(source):
+            raise AnitalkerError(f"--webcam {source}: no such file; give a camera number (`anitalker devices` "
+                                 "lists the cameras), a stream URL or an existing video file")
         level = cv2.utils.logging.getLogLevel()     # a missing camera is our one error line, not its warnings
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
         try:
@@ -102,35 +105,51 @@ class WebcamCapture:
         finally:
             self._cap.release()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop reading and release the camera (the reading thread releases it when it ends). A camera
+        stuck inside read() is left to its daemon thread after ``timeout``, so Ctrl-C never hangs."""
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join()
-        else:
+            self._thread.join(timeout)
+        elif self._thread.ident is None:           # never started: nothing else holds the camera
             self._cap.release()
 
 
 def clip_audio(path):
-    """The clip's audio as a session source, or silence as long as the clip when it has none."""
+    """The clip's audio as a session source, cut or padded with silence to the clip's video length (as
+    the offline path writes it), so the avatar plays the whole clip and no longer; silence for a clip
+    without sound."""
     import av
     import numpy as np
 
     from avatar.media import video_seconds
+    from avatar.timebase import AudioChunk
 
-    from .sources import FileSource, PcmSource
+    from .sources import FileSource
     with av.open(path) as box:
-        if box.streams.audio:
-            return FileSource(path)
-    frames = round(video_seconds(path) * 25)
+        sound = FileSource(path) if box.streams.audio else None
+    total = max(640, round(video_seconds(path) * 16000))
 
-    async def silence():
-        for _ in range(frames):
-            yield np.zeros(640, np.float32), 16000
-    return PcmSource(silence())
+    class ClipAudio:
+        async def __aiter__(self):
+            done = 0
+            if sound is not None:
+                async for chunk in sound:
+                    x = chunk.samples[:total - done]
+                    if len(x):
+                        yield AudioChunk(x, done)
+                        done += len(x)
+                    if done >= total:
+                        return
+            while done < total:                     # the video goes on after its sound (or has none)
+                n = min(640, total - done)
+                yield AudioChunk(np.zeros(n, np.float32), done)
+                done += n
+    return ClipAudio()
 
 
 def cmd_reenact(args, time_source=None) -> int:
-    from avatar.reenact import LatestFrame, ReenactConfig
+    from avatar.reenact import ReenactConfig
 
     if sum((args.webcam is not None, args.video is not None, args.serve)) != 1:
         raise AnitalkerError("give one driving source: --webcam N, --video FILE or --serve")
@@ -146,9 +165,19 @@ def cmd_reenact(args, time_source=None) -> int:
         return _offline(args, config, [o[5:] for o in outs])
 
     sinks = prepare_outputs(args)           # preflight before the (slow) model load
-    capture = camera = None
-    if args.webcam is not None:
-        capture = WebcamCapture(_device(args.webcam))
+    capture = WebcamCapture(_device(args.webcam)) if args.webcam is not None else None
+    try:                                    # the camera is released on every way out, errors included
+        return _live(args, config, sinks, capture, time_source)
+    finally:
+        if capture is not None:
+            capture.stop()
+
+
+def _live(args, config, sinks, capture, time_source) -> int:
+    from avatar.reenact import LatestFrame
+
+    camera = None
+    if capture is not None:
         driver = capture.slot
     elif args.video is not None:
         from avatar.media import read_video_frames
@@ -165,17 +194,13 @@ def cmd_reenact(args, time_source=None) -> int:
         source = None                       # silence paces the session until Ctrl-C
     animator = make_reenactor(args, driver, config)
     for s in sinks:
-        if isinstance(s, PreviewSink):      # its hotkey
+        if isinstance(s, PreviewSink) and config.mode == "relative":     # its hotkey (absolute: nothing to do)
             s.on_key = lambda key: key == "c" and animator.calibrate()
     session = Session(animator, sinks, time_source=time_source, lead_frames=LEAD_FRAMES,
                       max_lead_frames=MAX_LEAD_FRAMES)
-    try:
-        if capture is not None:
-            capture.start()
-        run_session(session, source, args, camera=camera)
-    finally:
-        if capture is not None:
-            capture.stop()
+    if capture is not None:
+        capture.start()
+    run_session(session, source, args, camera=camera)
     return 0
 
 
@@ -193,15 +218,25 @@ def make_reenactor(args, driver, config):
 def _offline(args, config, paths) -> int:
     from avatar.offline import reenact_file
     from avatar.pipeline import load_models
-    from avatar.portrait import asset_path
+    from avatar.portrait import asset_path, load_image, prepare_portrait
 
     from .cli import speed_from_args
     portrait = args.portrait or asset_path("portrait.jpg")
+    for path in paths:                      # every output and the portrait's face, before the model load
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise AnitalkerError(f"output folder does not exist: {os.path.dirname(os.path.abspath(path))}")
+    prepare_portrait(load_image(portrait), crop=not args.no_crop)
     models = load_models(args.checkpoints, device=args.device, speed=speed_from_args(args), stage1_only=True)
     print(f"reenacting {portrait} with {args.video} -> {', '.join(paths)} ({args.mode}, {models.device})",
           file=sys.stderr)
     timings = reenact_file(models, portrait, args.video, paths[0], config=config, crop=not args.no_crop)
-    for path in paths[1:]:
-        shutil.copyfile(paths[0], path)
+    for path in paths[1:]:                  # copied under a temporary name, so no half-copied file is left
+        tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.part")
+        try:
+            shutil.copyfile(paths[0], tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     print(f"wrote {', '.join(paths)}\n{timings.table()}", file=sys.stderr)
     return 0

@@ -17,10 +17,12 @@ been quiet for a second). GET / serves the page (streaming/static, no build step
     -> {"op": "say", "text": T}                       (TTS, one sentence at a time)
     -> {"op": "interrupt"}
     -> {"op": "pose", "yaw": deg, "pitch": deg, "roll": deg}   (all null: predicted from speech)
-    -> {"op": "calibrate"}                            (reenact: the next camera frame is the neutral face)
+    -> {"op": "calibrate"}                            (reenact --mode relative: the next camera frame is the
+                                                      neutral face; an error in absolute mode)
     -> {"op": "stats", ...}                           (the page's getStats figures, kept per client)
-    <- {"op": "config", "ice_servers": [...], "mode": "audio"|"reenact", "camera": bool}  once
-                                                      (camera: the server takes the browser's camera)
+    <- {"op": "config", "ice_servers": [...], "mode": "audio"|"reenact", "camera": bool, "calibrate": bool}
+                                                      once (camera: the server takes the browser's camera;
+                                                      calibrate: reenactment in relative mode)
     <- {"op": "metrics", ...} every second
     <- {"op": "error", "error": why}                  for a bad message; the connection and session go on
 
@@ -133,7 +135,7 @@ class AvatarServer:
                     if v} for s in self.sink.ice]
             mode = "reenact" if hasattr(self.session.animator, "calibrate") else "audio"
             await ws.send(json.dumps({"op": "config", "ice_servers": ice, "mode": mode,
-                                      "camera": self.camera is not None}))
+                                      "camera": self.camera is not None, "calibrate": self._calibrates()}))
             async for message in ws:
                 try:
                     if isinstance(message, bytes):
@@ -185,11 +187,19 @@ class AvatarServer:
         elif op == "calibrate":
             if not hasattr(self.session.animator, "calibrate"):
                 raise AnitalkerError("calibrate needs reenactment (anitalker reenact); this avatar is driven by audio")
+            if not self._calibrates():
+                raise AnitalkerError("calibrate works in relative mode (anitalker reenact --mode relative); "
+                                     "absolute mode uses the driving face as it is")
             self.session.animator.calibrate()           # thread-safe: taken up by the engine's next frame
         elif op == "stats":
             client.stats = {k: v for k, v in msg.items() if k != "op"}
         else:
             raise AnitalkerError(f"unknown op {op!r}; use offer, audio, say, interrupt, pose, calibrate or stats")
+
+    def _calibrates(self) -> bool:
+        """Whether calibrate does something: a reenactment in relative mode (absolute mode ignores it)."""
+        animator = self.session.animator
+        return hasattr(animator, "calibrate") and getattr(getattr(animator, "config", None), "mode", None) != "absolute"
 
     def _camera(self, client: Client, rgb, t: float) -> None:
         """One camera drives at a time: frames from two browsers interleaved would make the face jump

@@ -6,6 +6,7 @@ import threading
 import time
 
 import av
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -302,3 +303,98 @@ def test_missing_inputs_are_clear(tmp_path):
         c.mux(s.encode(None))
     with pytest.raises(AnitalkerError, match="no video track"):
         read_video_frames(wav)
+
+
+# ---- review regressions ----------------------------------------------------------------------------
+
+def test_one_euro_survives_nan_and_bad_times():
+    f = OneEuro(min_cutoff=1.0, beta=0.5)
+    assert np.isnan(f(np.array([np.nan, 1.0]), 0.0)[0])           # a NaN first value is not kept as state
+    x = np.array([0.3, -0.7])
+    assert np.array_equal(f(x, 0.04), x)
+    held = f(np.array([np.nan, -0.6]), 0.08)
+    assert held[0] == 0.3 and np.isfinite(held).all()             # the NaN dimension holds
+    assert np.array_equal(f(x + 1, float("nan")), held)           # a NaN time passes no time
+    assert np.array_equal(f(x + 1, 0.08), held)                   # nor does the same time
+    assert np.isfinite(f(x, 0.12)).all()
+
+
+def test_face_tracker_follows_a_change_of_frame_size_and_takes_grey_or_rgba():
+    tracker = FaceTracker(detect_every=5)
+    assert tracker(canvas(300, 160), 0.0) is not None             # face right and low in 640x480
+    small = cv2.resize(canvas(300, 160), (320, 240), interpolation=cv2.INTER_AREA)
+    crop = tracker(small, 0.04)                                   # the old box lies outside this frame
+    assert crop is not None and crop.shape == (256, 256, 3)
+    x0, y0, x1, y1 = tracker.box
+    assert 0 <= x0 < x1 <= 320 and 0 <= y0 < y1 <= 240
+    grey = cv2.cvtColor(canvas(), cv2.COLOR_RGB2GRAY)
+    assert tracker(grey, 0.08).shape == (256, 256, 3)
+    rgba = np.concatenate([canvas(), np.full((480, 640, 1), 255, np.uint8)], axis=2)
+    assert tracker(rgba, 0.12).shape == (256, 256, 3)
+
+
+def test_grey_and_rgba_driving_frames(tiny):
+    models, code = tiny
+    r = Reenactor(models, code, None, ReenactConfig(mode="relative", crop=False, resume_s=0.0))
+    face = canvas()
+    r.motion(face, 0.0)
+    rgba = np.concatenate([face, np.zeros((480, 640, 1), np.uint8)], axis=2)
+    assert torch.equal(r.motion(rgba, 0.04), code.alpha0)          # the same picture, alpha dropped
+    r.calibrate(cv2.cvtColor(face, cv2.COLOR_RGB2GRAY))
+    assert r.motion(cv2.cvtColor(face, cv2.COLOR_RGB2GRAY)[:, :, None], 0.08).shape == code.alpha0.shape
+    with pytest.raises(AnitalkerError, match="RGB"):
+        r.motion(np.zeros((4, 4, 2), np.uint8), 0.12)
+
+
+def test_a_camera_that_stops_counts_as_a_lost_face(tiny):
+    models, code = tiny
+    slot = LatestFrame()
+    r = Reenactor(models, code, slot, ReenactConfig(detect_every=1, hold_s=0.3, ease_s=1.0, resume_s=0.0))
+    face = canvas()
+    frames, outs = [], []
+    for i in range(60):
+        if i < 10 or i >= 50:
+            slot.put(face, t=i / 25)                              # the camera gives nothing in 10..49
+        frames += r.push(AudioChunk(np.zeros(640, np.float32)))
+        outs.append(r.motion(None, i / 25).numpy()[0])
+    alpha0, tracked = code.alpha0.numpy()[0], outs[9]
+    assert not np.array_equal(tracked, alpha0)
+    # last frame at 0.36; stalled after 0.5 s without one (frame 22), then eases over 1 s: no freeze
+    assert all(np.array_equal(outs[i], tracked) for i in range(10, 23))
+    assert [f.meta["face"] for f in frames[20:24]] == [True, True, False, False]
+    dist = np.abs(np.stack(outs) - alpha0).max(axis=1)
+    assert np.all(np.diff(dist[22:49]) <= 0) and dist[23] > 0.9 * dist[22]   # no jump when it starts
+    assert np.array_equal(outs[48], alpha0) and np.array_equal(outs[49], alpha0)
+    assert frames[50].meta["face"] and np.array_equal(outs[50], tracked)     # the camera is back
+
+
+def test_video_with_a_display_rotation_is_read_upright(tmp_path):
+    path = tmp_path / "phone.mp4"
+    upright = canvas()
+    with av.open(str(path), "w") as c:                            # stored sideways, shown upright
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 480, 640, "yuv420p"
+        s.set_display_rotation(90)
+        for i in range(3):
+            f = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.rot90(upright, -1)), format="rgb24")
+            f.pts = i
+            c.mux(s.encode(f))
+        c.mux(s.encode(None))
+    t, img = next(read_video_frames(path))
+    assert img.shape == (480, 640, 3)
+    assert np.abs(img.astype(int) - upright).mean() < 4
+    assert FaceTracker()(img, 0.0) is not None
+
+
+def test_odd_sized_driving_clip(tmp_path):
+    path = tmp_path / "odd.mp4"
+    with av.open(str(path), "w") as c:                            # 301x221 (odd): yuv444p keeps every pixel
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 301, 221, "yuv444p"
+        for i in range(2):
+            f = av.VideoFrame.from_ndarray(np.ascontiguousarray(canvas()[100:321, 50:351]), format="rgb24")
+            f.pts = i
+            c.mux(s.encode(f))
+        c.mux(s.encode(None))
+    shapes = [img.shape for _, img in read_video_frames(path)]
+    assert shapes == [(221, 301, 3)] * 2

@@ -83,6 +83,12 @@ def test_offline_reenact_writes_the_clip_with_its_audio(media, capsys, one_threa
     (["--webcam", "0", "--video", "clip.mp4"], "one driving source"),
     (["--video", "clip.mp4", "--mic"], "--mic"),
     (["--serve", "--smoothing", "2"], "--smoothing"),
+    # review regressions: the portrait and the outputs are checked before the models load (none here)
+    (["--checkpoints", "missing-ckpts", "--portrait", "blank.png", "--video", "clip.mp4", "--to", "file:x.mp4"],
+     "face"),
+    (["--checkpoints", "missing-ckpts", "--video", "clip.mp4", "--to", "file:x.mp4,file:nodir/y.mp4"],
+     "output folder does not exist"),
+    (["--webcam", "nope.mp4", "--to", "null"], "no such file"),
 ])
 def test_bad_input_is_one_line(media, capsys, argv, says):
     argv = [f"file:{media / a[5:]}" if a.startswith("file:") else str(media / a) if a.endswith((".mp4", ".png"))
@@ -141,6 +147,40 @@ def test_session_plays_a_clip_driving_the_portrait(media, engine):
     assert np.abs(audio[:16000]).max() > 0.1                          # the clip's own sound
 
 
+def mux(path, frames, wave) -> None:
+    """An mp4 whose audio track is exactly ``wave`` (write_mp4 would fit it to the video)."""
+    import av
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("libx264", rate=25)
+        v.width, v.height, v.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        a = c.add_stream("aac", rate=16000)
+        a.layout = "mono"
+        for i, img in enumerate(frames):
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts = i
+            c.mux(v.encode(f))
+        af = av.AudioFrame.from_ndarray(wave[None], format="flt", layout="mono")
+        af.sample_rate, af.pts = 16000, 0
+        c.mux(a.encode(af))
+        c.mux(v.encode(None))
+        c.mux(a.encode(None))
+
+
+@pytest.mark.parametrize("video_s, audio_s", [(2.0, 0.5), (1.0, 2.0)])
+def test_live_clip_plays_for_its_video_length(media, engine, video_s, audio_s):
+    """As offline: the clip's video length, its sound cut or padded with silence to that."""
+    path = media / f"v{video_s}a{audio_s}.mp4"
+    mux(path, [astronaut(i, 160) for i in range(round(video_s * 25))], tone(audio_s))
+    sink = ListSink()
+    session = Session(engine(TimedFrames(read_video_frames(path))), [sink], time_source=FakeTime(),
+                      lead_frames=1, max_lead_frames=2)
+    asyncio.run(session.run(clip_audio(str(path))))
+    frames = [f for f in sink.frames if not f.meta.get("repeat")]
+    assert abs(len(frames) - video_s * 25) <= 1, len(frames)
+    audio = np.concatenate([f.audio for f in frames])
+    assert np.abs(audio[:int(min(audio_s, video_s) * 16000) - 2000]).max() > 0.1   # its own sound first
+
+
 def test_live_command_with_a_silent_clip(media, capsys, one_thread):
     out, metrics = media / "live.mp4", media / "metrics.json"
     args = build_parser().parse_args([
@@ -194,7 +234,7 @@ def test_calibrate_reaches_the_reenactor(engine):
         try:
             async with connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
                 config = json.loads(await ws.recv())
-                assert config["mode"] == "reenact" and config["camera"]
+                assert config["mode"] == "reenact" and config["camera"] and config["calibrate"]
                 while animator.stats["calibrations"] < 1:             # the first face calibrates
                     await asyncio.sleep(0.05)
                 await ws.send(json.dumps({"op": "calibrate"}))
@@ -210,6 +250,28 @@ def test_calibrate_reaches_the_reenactor(engine):
             await ws.send(json.dumps({"op": "calibrate"}))
             assert "reenact" in (await reply(ws))["error"]
     served(refused, ToneAnimator(size=64))
+
+
+def test_calibrate_in_absolute_mode_says_so(engine):
+    from websockets.asyncio.client import connect
+
+    async def go(server, session):
+        async with connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
+            config = json.loads(await ws.recv())
+            assert config["mode"] == "reenact" and config["calibrate"] is False     # the page hides its button
+            await ws.send(json.dumps({"op": "calibrate"}))
+            assert "--mode relative" in (await reply(ws))["error"]
+    served(go, engine(LatestFrame()))
+
+
+def test_the_webcam_is_released_when_the_command_fails(media, capsys, monkeypatch):
+    stopped = []
+    stop = WebcamCapture.stop
+    monkeypatch.setattr(WebcamCapture, "stop", lambda self, *a: stopped.append(self) or stop(self, *a))
+    rc, err = run_cli(capsys, "--checkpoints", media / "ckpts", "--device", "cpu", "--portrait",
+                      media / "blank.png", "--webcam", media / "clip.mp4", "--to", "null")
+    assert rc == 1 and "face" in err.strip().splitlines()[-1]
+    assert len(stopped) == 1 and not stopped[0]._cap.isOpened()
 
 
 def test_preview_hotkey():

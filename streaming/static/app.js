@@ -11,16 +11,17 @@ const query = new URLSearchParams(location.search);
 
 ws.onmessage = async (e) => {
   const msg = JSON.parse(e.data);
-  if (msg.op === "config") connect(msg.ice_servers, msg.mode === "reenact", msg.camera);
+  if (msg.op === "config") connect(msg.ice_servers, msg.mode === "reenact", msg.camera, msg.calibrate);
   else if (msg.op === "answer") await pc.setRemoteDescription({ type: "answer", sdp: msg.sdp });
   else if (msg.op === "metrics") { server = msg; show(); }
   else if (msg.op === "error") $("status").textContent = "server: " + msg.error;
 };
 ws.onclose = () => { $("status").textContent = "disconnected from the server"; };
 
-async function connect(iceServers, reenact, camera) {
+async function connect(iceServers, reenact, camera, calibrate) {
   document.body.classList.toggle("reenact", reenact);
   $("camera").hidden = !camera;
+  $("calibrate").hidden = !calibrate;                        // absolute mode has nothing to calibrate
   pc = new RTCPeerConnection({ iceServers });
   // sendrecv from the start: the camera and microphone are attached later with replaceTrack, no renegotiation
   camSender = pc.addTransceiver("video", { direction: camera ? "sendrecv" : "recvonly" }).sender;
