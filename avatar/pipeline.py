@@ -70,7 +70,8 @@ class Speed:
     """How the models run. The default is exact fp32 (what the parity tests guard); the rest trade
     a measured error (README, bench/offline.py) for speed."""
     precision: str = "fp32"       # "fp32" | "bf16" (autocast)
-    compile: bool = False         # torch.compile the renderer (a one-off warm-up of tens of seconds)
+    compile: bool = False         # torch.compile the renderer and the motion encoder (a one-off warm-up
+                                  # of tens of seconds each)
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16"):
@@ -87,9 +88,10 @@ class Models:
     speed: Speed = Speed()
 
     def __post_init__(self):
-        self._render = self.stage1.render
+        self._render, self._motion = self.stage1.render, self.stage1.motion   # motion: reenactment, per frame
         if self.speed.compile:
             self._render = torch.compile(self.stage1.render, dynamic=False)
+            self._motion = torch.compile(self.stage1.motion, dynamic=False)
 
     @property
     def infer_type(self) -> str:

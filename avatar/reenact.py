@@ -367,7 +367,7 @@ class Reenactor:
     def _encode(self, crop: np.ndarray) -> np.ndarray:
         m = self.models
         with m.autocast():
-            alpha = m.stage1.motion(to_tensor(crop).to(m.device))
+            alpha = m._motion(to_tensor(crop).to(m.device))
         return alpha.float().cpu().numpy()
 
     def _crop(self, rgb: np.ndarray, t: float) -> np.ndarray | None:

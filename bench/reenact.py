@@ -1,6 +1,6 @@
 """Face reenactment speed at full model size with generated (random) weights.
 
-    python bench/reenact.py [--seconds 10] [--device cpu] [--precision fp32] [--json bench/results/reenact.json]
+    python bench/reenact.py [--seconds 10] [--device cpu] [--precision fp32] [--compile] [--json bench/results/reenact.json]
 
 Two measurements:
 1. compute: a Reenactor over 640x480 driving frames (the astronaut's head moving on a canvas), a new
@@ -143,6 +143,7 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=0, help="frames for the compute run (default: 25 on a GPU, 8 on a CPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the motion encoder and the renderer")
     p.add_argument("--mode", default="absolute", choices=["absolute", "relative"])
     p.add_argument("--loop", default="session", choices=["session", "direct"])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -151,7 +152,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dev = pick_device(args.device)
     torch.manual_seed(0)
-    models = Models(Stage1().eval().to(dev), None, None, dev, Speed(precision=args.precision))
+    models = Models(Stage1().eval().to(dev), None, None, dev, Speed(precision=args.precision, compile=args.compile))
     code = encode_portrait(models, to_tensor(prepare_portrait(load_image(asset_path("portrait.jpg"))).image))
     config = ReenactConfig(mode=args.mode)
     frames = args.frames or (25 if dev.type == "cuda" else 8)
@@ -159,10 +160,11 @@ def main() -> None:
     rt = realtime(models, code, config, args.seconds, args.loop)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {args.threads} threads"
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(dict(bench="reenact", device=name, precision=args.precision,
+    Path(args.json).write_text(json.dumps(dict(bench="reenact", device=name, precision=args.precision, compile=args.compile,
                                                mode=args.mode, torch=torch.__version__, compute=comp,
                                                realtime=rt), indent=2))
-    print(f"reenactment, full-size random weights, {name}, {args.precision}, {args.mode}")
+    print(f"reenactment, full-size random weights, {name}, {args.precision}{' + compile' * args.compile}, "
+          f"{args.mode}")
     print(f"compute ({comp['frames']} frames, new driving frame each): track {comp['track_ms']:.1f} ms, "
           f"motion {comp['motion_ms']:.1f} ms, render {comp['render_ms']:.1f} ms, total {comp['total_ms']:.1f} ms "
           f"per frame -> {comp['max_fps']:.1f} fps")

@@ -84,8 +84,8 @@ def add_model_args(p: argparse.ArgumentParser, audio: bool = True) -> None:
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="fp32 (default) computes what the official code computes; bf16 is about 1.3-2x faster "
                    "and differs by a few grey levels (README)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the renderer: faster per frame after a "
-                   "one-off warm-up of tens of seconds")
+    g.add_argument("--compile", action="store_true", help="torch.compile the renderer (and for reenact the motion "
+                   "encoder): faster per frame after a one-off warm-up of tens of seconds")
     g.add_argument("--no-crop", action="store_true", help="use the whole portrait, squashed to 256x256, "
                    "instead of detecting and cropping the face")
 
