@@ -7,6 +7,7 @@ codes          -> ``render``           (stage-1 renderer, batched, encoder featu
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,10 +89,14 @@ class Models:
     speed: Speed = Speed()
 
     def __post_init__(self):
-        self._render, self._motion = self.stage1.render, self.stage1.motion   # motion: reenactment, per frame
+        self._render = self.stage1.render
         if self.speed.compile:
             self._render = torch.compile(self.stage1.render, dynamic=False)
-            self._motion = torch.compile(self.stage1.motion, dynamic=False)
+
+    @functools.cached_property
+    def _motion(self):
+        """The stage-1 motion encoder of a driving frame (reenactment), compiled like the renderer."""
+        return torch.compile(self.stage1.motion, dynamic=False) if self.speed.compile else self.stage1.motion
 
     @property
     def infer_type(self) -> str:
