@@ -38,6 +38,9 @@ BOX_MIN_CUTOFF, BOX_BETA = 1.0, 5.0
 # A live driver (camera) that gives no frame for this long has stopped (unplugged, the page's camera
 # switched off): that counts as a lost face, so the portrait eases to neutral instead of freezing.
 STALL_S = 0.5
+# A live camera frame is sampled as late as the frame's due time allows: due - (the slowest recent
+# take-to-image time) - this margin, so it is as fresh as possible when shown.
+LATE_MARGIN_S = 0.005
 
 
 class OneEuro:
@@ -269,8 +272,9 @@ class Reenactor:
     latency_frames = 0
 
     def __init__(self, models: Models, portrait: PortraitCode, driver, config: ReenactConfig = ReenactConfig(),
-                 now=time.monotonic):
+                 now=time.monotonic, sleep=time.sleep):
         self.models, self.portrait, self.driver, self.config, self.now = models, portrait, driver, config, now
+        self.sleep = sleep
         self.tracker = FaceTracker(config.detect_every) if config.crop else None
         self.alpha0 = portrait.alpha0.float().cpu().numpy()
         cutoff = config.min_cutoff(self.alpha0.shape[1])
@@ -290,17 +294,22 @@ class Reenactor:
         self._image = self._image_alpha = None
         self._audio = np.zeros(0, np.float32)
         self._pts = 0
+        self._due = None                     # due time of the next frame completed (from AudioChunk.due)
+        self._cost = None                    # recent take-to-image seconds per frame (slowest, decaying)
 
     # ---- the Animator protocol -------------------------------------------------------------------------
     def push(self, chunk: AudioChunk) -> list[AvFrame]:
         """One AvFrame per complete 640 samples, carrying exactly those samples."""
         self._audio = np.concatenate([self._audio, np.asarray(chunk.samples, np.float32).reshape(-1)])
+        # the first frame this push completes is the one that holds the chunk's first sample
+        self._due = getattr(chunk, "due", None)
         return self._frames(self.now())
 
     def flush(self) -> list[AvFrame]:
         """The last partial frame, padded with silence."""
         pad = (-len(self._audio)) % SAMPLES_PER_FRAME
         self._audio = np.concatenate([self._audio, np.zeros(pad, np.float32)])
+        self._due = None
         return self._frames(self.now())
 
     def reset(self) -> None:
@@ -328,8 +337,12 @@ class Reenactor:
             audio, self._audio = self._audio[:SAMPLES_PER_FRAME], self._audio[SAMPLES_PER_FRAME:]
             pts = self._pts
             self._pts += 1
-            item = self.driver.take(pts) if self.driver is not None else None
             live = getattr(self.driver, "live", False)
+            if live and self._due is not None:
+                self._sample_late(self._due)
+                self._due += 1.0 / FPS
+            start = self.now()
+            item = self.driver.take(pts) if self.driver is not None else None
             rgb = None
             meta = {}
             t = pts / FPS
@@ -345,10 +358,23 @@ class Reenactor:
             if self._image is None or not np.array_equal(self._out, self._image_alpha):
                 self._image = self._timed("render", self._render, self._out)
                 self._image_alpha = self._out
+            if item is not None:
+                cost = self.now() - start
+                self._cost = cost if self._cost is None else max(cost, 0.9 * self._cost + 0.1 * cost)
             self._counts["face_lost_frames"] += not self._following
             out.append(AvFrame(self._image, audio, pts, pushed_at=pushed_at, produced_at=self.now(),
                                meta={**meta, "source_t": self._captured_at, "face": self._following}))
         return out
+
+    def _sample_late(self, due: float) -> None:
+        """Wait until the camera frame must be taken for its image to be ready by `due`. Frames fed a slot
+        ahead would otherwise show a camera frame a whole slot old; waits beyond a slot (another clock,
+        or a frame due later in a batch) are not taken."""
+        if self._cost is None:               # nothing measured yet: take the newest frame now
+            return
+        wait = due - self._cost - LATE_MARGIN_S - self.now()
+        if 0 < wait <= 1.0 / FPS:
+            self.sleep(wait)
 
     @torch.inference_mode()
     def _render(self, alpha: np.ndarray) -> np.ndarray:

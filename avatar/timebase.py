@@ -43,9 +43,14 @@ def sample_seconds(n: int) -> float:
 
 @dataclass(frozen=True, eq=False)
 class AudioChunk:
-    """float32 mono 16 kHz samples; pts = index of the first sample in the stream."""
+    """float32 mono 16 kHz samples; pts = index of the first sample in the stream.
+
+    due: when a realtime session will show the frame that holds the first sample (its time source's
+    clock), or None. An engine that samples a live input (a camera) can use it to sample as late as its
+    compute time allows."""
     samples: np.ndarray
     pts: int = 0
+    due: float | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -10,7 +10,9 @@ Two measurements:
    samples of silence per 40 ms tick by the realtime Session (streaming/session.py; `--loop direct`: a
    plain loop that pushes on the tick and takes each frame as it is made); a sink records release time -
    meta["captured_at"] (capture to sink latency), the output fps and how many distinct driving frames
-   per second reached the sink.
+   per second reached the sink. `--compare-sampling` runs it twice, sampling the camera as late as the
+   render allows (the default: AudioChunk.due) and as soon as the session feeds the frame, one slot
+   ahead; `--tiny` uses the tiny test dims, an engine as fast as a GPU's, where the difference shows.
 Writes JSON and prints a table.
 """
 from __future__ import annotations
@@ -25,14 +27,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from skimage.data import astronaut
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from avatar.pipeline import Models, Speed, encode_portrait, pick_device  # noqa: E402
 from avatar.portrait import asset_path, load_image, prepare_portrait, to_tensor  # noqa: E402
 from avatar.reenact import LatestFrame, ReenactConfig, Reenactor, TimedFrames  # noqa: E402
 from avatar.timebase import FPS, SAMPLES_PER_FRAME, AudioChunk  # noqa: E402
-from models.stage1 import Stage1  # noqa: E402
+from models.stage1 import Stage1, Stage1Dims  # noqa: E402
 
 HEAD = astronaut()[0:300, 60:360]
 CAPTURE_FPS = 30
@@ -111,9 +115,12 @@ def direct_loop(animator, seconds: float, sink: Recorder) -> None:
         k += 1
 
 
-def realtime(models, code, config, seconds: float, loop: str) -> dict:
+def realtime(models, code, config, seconds: float, loop: str, late: bool = True) -> dict:
     slot, stop = LatestFrame(), threading.Event()
     animator = Reenactor(models, code, slot, config)
+    if not late:                        # drop the due times: each frame samples the camera when it is fed
+        push = animator.push
+        animator.push = lambda chunk: push(AudioChunk(chunk.samples, chunk.pts))
     animator.motion(driving_frame(0.0), 0.0)                                 # warm-up outside the clock
     animator.timings = {k: 0.0 for k in animator.timings}
     sink = Recorder()
@@ -129,7 +136,7 @@ def realtime(models, code, config, seconds: float, loop: str) -> dict:
         thread.join()
     span = (sink.last - sink.first) if sink.frames > 1 else 0.0
     pct = lambda q: 1000 * float(np.percentile(sink.latency, q)) if sink.latency else None  # noqa: E731
-    return dict(loop=loop, seconds=seconds, output_frames=sink.frames, repeats=sink.repeats,
+    return dict(loop=loop, late_sampling=late, seconds=seconds, output_frames=sink.frames, repeats=sink.repeats,
                 output_fps=(sink.frames - 1) / span if span else None,
                 driving_fps_shown=len(sink.shown) / span if span else None,
                 latency_p50_ms=pct(50), latency_p95_ms=pct(95),
@@ -147,32 +154,41 @@ def main() -> None:
     p.add_argument("--mode", default="absolute", choices=["absolute", "relative"])
     p.add_argument("--loop", default="session", choices=["session", "direct"])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--no-track", action="store_true", help="whole driving frames, no face detection")
+    p.add_argument("--tiny", action="store_true", help="the tiny test dims (configs/tiny.yaml) instead of full size")
+    p.add_argument("--compare-sampling", action="store_true", help="realtime run with late and with early "
+                   "camera sampling")
     p.add_argument("--json", default=str(Path(__file__).parent / "results" / "reenact.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dev = pick_device(args.device)
     torch.manual_seed(0)
-    models = Models(Stage1().eval().to(dev), None, None, dev, Speed(precision=args.precision, compile=args.compile))
+    dims = Stage1Dims(**yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["stage1"]) if args.tiny \
+        else Stage1Dims()
+    models = Models(Stage1(dims).eval().to(dev), None, None, dev, Speed(precision=args.precision, compile=args.compile))
     code = encode_portrait(models, to_tensor(prepare_portrait(load_image(asset_path("portrait.jpg"))).image))
-    config = ReenactConfig(mode=args.mode)
+    config = ReenactConfig(mode=args.mode, crop=not args.no_track)
     frames = args.frames or (25 if dev.type == "cuda" else 8)
     comp = compute(models, code, config, frames)
-    rt = realtime(models, code, config, args.seconds, args.loop)
+    runs = [realtime(models, code, config, args.seconds, args.loop, late)
+            for late in ((True, False) if args.compare_sampling else (True,))]
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {args.threads} threads"
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(dict(bench="reenact", device=name, precision=args.precision, compile=args.compile,
                                                mode=args.mode, torch=torch.__version__, compute=comp,
-                                               realtime=rt), indent=2))
-    print(f"reenactment, full-size random weights, {name}, {args.precision}{' + compile' * args.compile}, "
+                                               tiny=args.tiny, realtime=runs), indent=2))
+    print(f"reenactment, {'tiny' if args.tiny else 'full-size'} random weights, {name}, {args.precision}{' + compile' * args.compile}, "
           f"{args.mode}")
     print(f"compute ({comp['frames']} frames, new driving frame each): track {comp['track_ms']:.1f} ms, "
           f"motion {comp['motion_ms']:.1f} ms, render {comp['render_ms']:.1f} ms, total {comp['total_ms']:.1f} ms "
           f"per frame -> {comp['max_fps']:.1f} fps")
     fmt = lambda v, f=".1f": "-" if v is None else format(v, f)  # noqa: E731
-    print(f"realtime ({args.loop}, {args.seconds:g} s, capture {CAPTURE_FPS} fps): output {fmt(rt['output_fps'])} fps "
-          f"({rt['repeats']} repeated slots), driving frames shown {fmt(rt['driving_fps_shown'])} /s, "
-          f"capture->sink p50 {fmt(rt['latency_p50_ms'], '.0f')} ms, p95 {fmt(rt['latency_p95_ms'], '.0f')} ms, "
-          f"{rt['stale']} of {rt['captured']} captured frames dropped")
+    for rt in runs:
+        print(f"realtime ({args.loop}, {'late' if rt['late_sampling'] else 'early'} sampling, {args.seconds:g} s, "
+              f"capture {CAPTURE_FPS} fps): output {fmt(rt['output_fps'])} fps ({rt['repeats']} repeated slots), "
+              f"driving frames shown {fmt(rt['driving_fps_shown'])} /s, capture->sink p50 "
+              f"{fmt(rt['latency_p50_ms'], '.0f')} ms, p95 {fmt(rt['latency_p95_ms'], '.0f')} ms, "
+              f"{rt['stale']} of {rt['captured']} captured frames dropped")
     print(f"wrote {args.json}")
 
 

@@ -82,6 +82,7 @@ class Clock:
         self.on_release = on_release
         self.stats = ClockStats()
         self.k = 0
+        self.slot_time = None    # when the slot being decided is due (next_frame may read it)
         self._last = None
         self._opened = set()
 
@@ -89,9 +90,11 @@ class Clock:
         period = 1.0 / FPS
         # The anchor is the first frame, not the start: polling once a period until the engine answers
         # (each poll lets the session feed it, exactly as a repeated slot would).
+        self.slot_time = self.time.now()
         frame = next_frame(0)
         while frame is None:
             await self.time.sleep_until(self.time.now() + period)
+            self.slot_time = self.time.now()
             frame = next_frame(0)
         t0 = self.time.now()
         while frame is not DONE:
@@ -104,6 +107,7 @@ class Clock:
             if late > MAX_LATE_S:
                 t0 += late
                 self.stats.slips += 1
+            self.slot_time = t0 + self.k * period
             frame = next_frame(self.k)
 
     async def _release(self, frame, t: float) -> None:

@@ -250,7 +250,8 @@ class Session:
             pieces.append(x)
             budget -= len(x)
         if pieces:
-            self._submit("push", AudioChunk(np.concatenate(pieces) if len(pieces) > 1 else pieces[0], start))
+            self._submit("push", AudioChunk(np.concatenate(pieces) if len(pieces) > 1 else pieces[0], start,
+                                            self._due(start)))
         if self._pending or self._flushing:
             return
         if self._source_done and self.stop_at_end:
@@ -263,7 +264,12 @@ class Session:
             self.time.now() - self._last_arrival > JITTER_FRAMES / FPS
         if quiet and budget >= SAMPLES_PER_FRAME:
             n = budget // SAMPLES_PER_FRAME * SAMPLES_PER_FRAME
-            self._submit("push", AudioChunk(np.zeros(n, np.float32), self._fed))
+            self._submit("push", AudioChunk(np.zeros(n, np.float32), self._fed, self._due(self._fed)))
+
+    def _due(self, sample: int) -> float:
+        """When the frame holding this sample is to be shown: the frame holding `_released` goes out at
+        this slot, the ones after it a period apart."""
+        return self.clock.slot_time + (sample // SAMPLES_PER_FRAME - self._released // SAMPLES_PER_FRAME) / FPS
 
     def _drop_late_live(self) -> None:
         """Bounded latency beats completeness for live audio: beyond a few frames waiting, its oldest goes."""

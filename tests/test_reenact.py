@@ -418,3 +418,37 @@ def test_speed_modes_stay_close_to_fp32(tiny):
         got, got_code = run(speed)
         assert np.abs(got_code - ref_code).max() < 0.05, speed
         assert np.abs(got - ref).mean() < 8.0 and got.std() > 10, speed
+
+
+def test_a_live_camera_is_sampled_as_late_as_the_render_allows(tiny):
+    """A frame due at `due` takes its camera frame at due - (recent take-to-image time) - margin, so the
+    picture is as fresh as it can be; without a due time (files, offline) nothing waits."""
+    from avatar.reenact import LATE_MARGIN_S
+    models, code = tiny
+    clock = {"t": 100.0}
+    taken, slept = [], []
+
+    class Camera(LatestFrame):
+        def take(self, pts):
+            taken.append(clock["t"])
+            self.put(canvas(), clock["t"])
+            return super().take(pts)
+
+    m = Models(models.stage1, None, None, models.device)
+    render = m._render
+
+    def slow_render(*args):                      # 10 ms of compute on the fake clock
+        clock["t"] += 0.010
+        return render(*args)
+    m._render = slow_render
+    r = Reenactor(m, code, Camera(), ReenactConfig(crop=False), now=lambda: clock["t"],
+                  sleep=lambda d: (slept.append(d), clock.__setitem__("t", clock["t"] + d)))
+    r.push(AudioChunk(np.zeros(640, np.float32)))                  # no due: no wait; learns the cost
+    assert slept == [] and taken == [100.0]
+    due = clock["t"] + 0.040
+    r.push(AudioChunk(np.zeros(1280, np.float32), 640, due))       # two frames, due a slot apart
+    assert taken[1] == pytest.approx(due - 0.010 - LATE_MARGIN_S)
+    assert taken[2] == pytest.approx(due + 0.040 - 0.010 - LATE_MARGIN_S)
+    assert len(slept) == 2
+    r.push(AudioChunk(np.zeros(640, np.float32), 1920, clock["t"] - 1.0))   # already late: no wait
+    assert len(slept) == 2

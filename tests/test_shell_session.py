@@ -166,3 +166,36 @@ def test_capture_latency_metric_and_max_lead():
     s, session = asyncio.run(main())
     assert s["capture_latency_p50_ms"] >= 10 and s["repeats"] > 0
     assert session.lead + session._extra <= 2 and s["queue_depth_max"]["worker"] <= 2
+
+
+def test_chunks_say_when_their_frame_is_due():
+    """AudioChunk.due is the slot time at which the frame holding the chunk's first sample is shown."""
+    dues = {}
+
+    class Recording(ToneAnimator):
+        def push(self, chunk):
+            out = super().push(chunk)
+            if chunk.due is not None:
+                dues[chunk.pts // 640] = chunk.due
+            return out
+
+    async def main():
+        session = Session(Recording(), time_source=FakeTime())
+        shown = {}
+        session.clock.on_release = lambda f, t, orig=session.clock.on_release: (orig(f, t), shown.setdefault(
+            f.pts, t) if not f.meta.get("repeat") else None)
+        async def tone():
+            yield np.full(SAMPLE_RATE, 0.1, np.float32), SAMPLE_RATE
+        await session.run(PcmSource(tone()))
+        return shown
+
+    shown = asyncio.run(main())
+    # engine frame i is the i-th non-repeated slot; compare where a chunk started a frame. Frame 0 is
+    # shown as soon as it is ready: the clock polls for it before anchoring the slots.
+    order = sorted(shown)
+    checked = 0
+    for i, slot in enumerate(order):
+        if i in dues and i > 0:
+            assert dues[i] == pytest.approx(shown[slot], abs=1e-9), (i, dues[i], shown[slot])
+            checked += 1
+    assert checked >= 20
