@@ -12,8 +12,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from models.checkpoints import read_state_file, save_checkpoint
+
+from .data import epoch_loader
 
 
 # ----------------------------------------------------------------------------------------------- processes
@@ -160,6 +163,45 @@ def mean_over_ranks(values: dict, rt: Runtime) -> dict:
         dist.all_reduce(vec)
         vec = vec.cpu() / rt.world
     return dict(zip(values, vec.tolist()))
+
+
+class TrainLoop:
+    """Where a run is — step, epoch, batches of this epoch done — and its batches from there to
+    cfg.max_steps: a resumed run continues mid-epoch on the items it had not trained yet."""
+
+    def __init__(self, ds, cfg, rt: Runtime, resume: dict | None, desc: str):
+        self.ds, self.cfg, self.rt, self.desc = ds, cfg, rt, desc
+        self.step, self.epoch, self.done = (int(resume[k]) for k in ("step", "epoch", "done")) if resume \
+            else (0, 0, 0)
+        self.sampler, self.loader = epoch_loader(ds, cfg, rt)
+        self.bar = None
+
+    def __iter__(self):
+        """(batch on the device, the step it trains); step and done already count it when it comes."""
+        cfg, rt = self.cfg, self.rt
+        self.bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (rt.main and cfg.progress),
+                        desc=self.desc)
+        try:
+            while self.step < cfg.max_steps:
+                self.ds.set_epoch(self.epoch)
+                self.sampler.set_epoch(self.epoch, skip=self.done * cfg.batch_size)
+                for batch in self.loader:
+                    self.step, self.done = self.step + 1, self.done + 1
+                    self.bar.update(1)
+                    yield {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}, self.step - 1
+                    if self.step >= cfg.max_steps:
+                        return
+                self.epoch, self.done = self.epoch + 1, 0
+        finally:
+            self.bar.close()
+
+    def due(self, every: int) -> bool:
+        """Time to log or save: every `every` steps, and at the last step."""
+        return self.step % every == 0 or self.step == self.cfg.max_steps
+
+    def position(self) -> dict:
+        """What a checkpoint records to resume from here."""
+        return {"step": self.step, "epoch": self.epoch, "done": self.done}
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints

@@ -27,16 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from models.checkpoints import export_official, load_stage1
 from models.errors import AnitalkerError
 from models.stage1 import Stage1, Stage1Dims
 
-from .common import (CsvLog, autocast, autocast_dtype, load_training_state, mean_over_ranks, optimizer_to,
+from .common import (CsvLog, TrainLoop, autocast, autocast_dtype, load_training_state, mean_over_ranks, optimizer_to,
                      save_training_state, setup_runtime, sync_buffers, teardown)
 from .config import load_config, to_dict
-from .data import epoch_loader, FramePairs
+from .data import FramePairs
 from .losses import (AAMSoftmax, Discriminator, VGG19Features, augment, club, club_likelihood_loss,
                      d_nonsaturating, g_nonsaturating, perceptual_loss)
 
@@ -162,7 +161,6 @@ def train(cfg: Stage1TrainConfig) -> dict:
     amp = autocast_dtype(cfg.precision, rt.device)
     scaler_g = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     scaler_d = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    step, epoch, done = 0, 0, 0   # done: batches of the current epoch already trained
     if resume is not None:
         disc.load_state_dict(resume["disc"])
         aam.load_state_dict(resume["aam"])
@@ -171,67 +169,55 @@ def train(cfg: Stage1TrainConfig) -> dict:
             optimizer_to(o, rt.device)
         scaler_g.load_state_dict(resume["scaler_g"])
         scaler_d.load_state_dict(resume["scaler_d"])
-        step, epoch, done = int(resume["step"]), int(resume["epoch"]), int(resume["done"])
 
-    sampler, loader = epoch_loader(ds, cfg, rt)
+    loop = TrainLoop(ds, cfg, rt, resume, "stage1")
     gmodel, dmodel = EncoderLoss(net, vgg, aam, cfg), DiscriminatorLoss(disc)
     if rt.distributed:
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         gmodel, dmodel = DDP(gmodel, device_ids=ids), DDP(dmodel, device_ids=ids)
     aug_gen = torch.Generator()
-    log = CsvLog(out / "log.csv", enabled=rt.main, resume_step=step)
+    log = CsvLog(out / "log.csv", enabled=rt.main, resume_step=loop.step)
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
         print(f"stage 1 at {dims.size}px: {sum(p.numel() for p in net.parameters()):,} parameters, "
               f"{ds.num_identities} identities, {len(ds)} pairs per epoch, {rt.world} process(es) on "
-              f"{rt.device}, starting at step {step}", file=sys.stderr)
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (rt.main and cfg.progress), desc="stage1")
+              f"{rt.device}, starting at step {loop.step}", file=sys.stderr)
     last = {}
-    while step < cfg.max_steps:
-        ds.set_epoch(epoch)
-        sampler.set_epoch(epoch, skip=done * cfg.batch_size)   # resume mid-epoch where it stopped
-        for batch in loader:
-            batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
-            aug_gen.manual_seed(cfg.seed * 1_000_003 + rt.rank * 7919 + step)
-            # generator step: the discriminator judges but does not learn
-            disc.requires_grad_(False)
-            with autocast(amp, rt.device):
-                total, parts, recon = gmodel(batch, disc, aug_gen)
-            opt_g.zero_grad(set_to_none=True)
-            scaler_g.scale(total).backward()
-            scaler_g.step(opt_g)
-            scaler_g.update()
-            # discriminator step on the same reconstructions
-            disc.requires_grad_(True)
-            with autocast(amp, rt.device):
-                d_loss = dmodel(batch["target"], recon)
-            opt_d.zero_grad(set_to_none=True)
-            scaler_d.scale(d_loss).backward()
-            scaler_d.step(opt_d)
-            scaler_d.update()
-            step, done = step + 1, done + 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                last = mean_over_ranks({"loss": total.detach(), **{k: v.detach() for k, v in parts.items()},
-                                        "d_loss": d_loss.detach()}, rt)
-                log.write(step, {**last, "epoch": epoch})
-                bar.set_postfix(rec=f"{last['rec']:.4f}")
-            if rt.main and (step % cfg.save_every == 0 or step == cfg.max_steps):
-                save_training_state(out, net, net, {
-                    "disc": disc.state_dict(), "aam": aam.state_dict(), "opt_g": opt_g.state_dict(),
-                    "opt_d": opt_d.state_dict(), "scaler_g": scaler_g.state_dict(),
-                    "scaler_d": scaler_d.state_dict(), "step": step, "epoch": epoch, "done": done, "config": to_dict(cfg)},
-                    cfg.keep_every, step)
-                if step == cfg.max_steps and cfg.export:
-                    export_official(cfg.export, net)
-            if step >= cfg.max_steps:
-                break
-        epoch, done = epoch + 1, 0
-    bar.close()
+    for batch, step in loop:
+        aug_gen.manual_seed(cfg.seed * 1_000_003 + rt.rank * 7919 + step)
+        # generator step: the discriminator judges but does not learn
+        disc.requires_grad_(False)
+        with autocast(amp, rt.device):
+            total, parts, recon = gmodel(batch, disc, aug_gen)
+        opt_g.zero_grad(set_to_none=True)
+        scaler_g.scale(total).backward()
+        scaler_g.step(opt_g)
+        scaler_g.update()
+        # discriminator step on the same reconstructions
+        disc.requires_grad_(True)
+        with autocast(amp, rt.device):
+            d_loss = dmodel(batch["target"], recon)
+        opt_d.zero_grad(set_to_none=True)
+        scaler_d.scale(d_loss).backward()
+        scaler_d.step(opt_d)
+        scaler_d.update()
+        if loop.due(cfg.log_every):
+            last = mean_over_ranks({"loss": total.detach(), **{k: v.detach() for k, v in parts.items()},
+                                    "d_loss": d_loss.detach()}, rt)
+            log.write(loop.step, {**last, "epoch": loop.epoch})
+            loop.bar.set_postfix(rec=f"{last['rec']:.4f}")
+        if rt.main and loop.due(cfg.save_every):
+            save_training_state(out, net, net, {
+                "disc": disc.state_dict(), "aam": aam.state_dict(), "opt_g": opt_g.state_dict(),
+                "opt_d": opt_d.state_dict(), "scaler_g": scaler_g.state_dict(),
+                "scaler_d": scaler_d.state_dict(), **loop.position(), "config": to_dict(cfg)},
+                cfg.keep_every, loop.step)
+            if loop.step == cfg.max_steps and cfg.export:
+                export_official(cfg.export, net)
     sync_buffers(net, rt)
     net.eval()
     teardown(rt)
-    return {"step": step, "model": net, **last}
+    return {"step": loop.step, "model": net, **last}
 
 
 def main(argv=None) -> int:

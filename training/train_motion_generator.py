@@ -25,16 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from models.checkpoints import export_official, load_stage2
 from models.sampler import ddim_schedule
 from models.stage2 import Stage2, Stage2Dims
 
-from .common import (CsvLog, EMA, ForwardProcess, autocast, autocast_dtype, load_training_state,
+from .common import (CsvLog, EMA, ForwardProcess, TrainLoop, autocast, autocast_dtype, load_training_state,
                      mean_over_ranks, optimizer_to, save_training_state, setup_runtime, sync_buffers, teardown)
 from .config import load_config, to_dict
-from .data import epoch_loader, MotionWindows, open_array
+from .data import MotionWindows, open_array
 
 
 @dataclass(frozen=True)
@@ -140,13 +139,11 @@ def train(cfg: Stage2TrainConfig) -> dict:
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     amp = autocast_dtype(cfg.precision, rt.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    step, epoch, done = 0, 0, 0   # done: batches of the current epoch already trained
     if resume is not None:
         ema.shadow = {k: v.to(rt.device) for k, v in resume["state_dict"].items()}
         opt.load_state_dict(resume["optimizer"])
         optimizer_to(opt, rt.device)
         scaler.load_state_dict(resume["scaler"])
-        step, epoch, done = int(resume["step"]), int(resume["epoch"]), int(resume["done"])
     else:
         ema.shadow = {k: v.to(rt.device) for k, v in ema.shadow.items()}
 
@@ -154,62 +151,51 @@ def train(cfg: Stage2TrainConfig) -> dict:
     if rt.main:
         for warning in sampling_mismatches(cfg, ds):
             print(f"warning: {warning}", file=sys.stderr)
-    sampler, loader = epoch_loader(ds, cfg, rt)
+    loop = TrainLoop(ds, cfg, rt, resume, "stage2")
     model = DiffusionLoss(net, ForwardProcess(cfg.diffusion_steps, cfg.beta_start, cfg.beta_end),
                           cfg.control_weight)
     if rt.distributed:
         model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    log = CsvLog(out / "log.csv", enabled=rt.main, resume_step=step)
+    log = CsvLog(out / "log.csv", enabled=rt.main, resume_step=loop.step)
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
         print(f"stage 2 {dims.infer_type}: {sum(p.numel() for p in net.parameters()):,} parameters, "
               f"{len(ds)} windows of {cfg.window} frames, {rt.world} process(es) on {rt.device}, "
-              f"precision {amp or torch.float32}, starting at step {step}", file=sys.stderr)
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (rt.main and cfg.progress), desc="stage2")
+              f"precision {amp or torch.float32}, starting at step {loop.step}", file=sys.stderr)
     last = {}
 
     def save():
         export = Stage2(dims)
         export.load_state_dict({k: v.cpu() for k, v in ema.shadow.items()})
         save_training_state(out, net, export, {
-            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "done": done,
-            "config": to_dict(cfg)}, cfg.keep_every, step)
+            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), **loop.position(),
+            "config": to_dict(cfg)}, cfg.keep_every, loop.step)
         return export
 
-    while step < cfg.max_steps:
-        ds.set_epoch(epoch)
-        sampler.set_epoch(epoch, skip=done * cfg.batch_size)   # resume mid-epoch where it stopped
-        for batch in loader:
-            batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
-            # t and the noise depend only on (seed, rank, step): a resumed run draws what it would have.
-            torch.manual_seed(cfg.seed * 1_000_003 + rt.rank * 7919 + step)
-            with autocast(amp, rt.device):
-                total, parts = model(batch)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.unscale_(opt)
-            gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            ema.update(net)
-            step, done = step + 1, done + 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                last = mean_over_ranks({"loss": total.detach(), **{k: v.detach() for k, v in parts.items()},
-                                        "grad_norm": gnorm}, rt)
-                log.write(step, {**last, "lr": opt.param_groups[0]["lr"], "epoch": epoch})
-                bar.set_postfix(loss=f"{last['loss']:.4f}")
-            if rt.main and (step % cfg.save_every == 0 or step == cfg.max_steps):
-                export = save()
-                if step == cfg.max_steps and cfg.export:
-                    export_official(cfg.export, export)
-            if step >= cfg.max_steps:
-                break
-        epoch, done = epoch + 1, 0
-    bar.close()
+    for batch, step in loop:
+        # t and the noise depend only on (seed, rank, step): a resumed run draws what it would have.
+        torch.manual_seed(cfg.seed * 1_000_003 + rt.rank * 7919 + step)
+        with autocast(amp, rt.device):
+            total, parts = model(batch)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.unscale_(opt)
+        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        ema.update(net)
+        if loop.due(cfg.log_every):
+            last = mean_over_ranks({"loss": total.detach(), **{k: v.detach() for k, v in parts.items()},
+                                    "grad_norm": gnorm}, rt)
+            log.write(loop.step, {**last, "lr": opt.param_groups[0]["lr"], "epoch": loop.epoch})
+            loop.bar.set_postfix(loss=f"{last['loss']:.4f}")
+        if rt.main and loop.due(cfg.save_every):
+            export = save()
+            if loop.step == cfg.max_steps and cfg.export:
+                export_official(cfg.export, export)
     sync_buffers(net, rt)
     teardown(rt)
-    return {"step": step, "model": net, **last}
+    return {"step": loop.step, "model": net, **last}
 
 
 def main(argv=None) -> int:
