@@ -132,7 +132,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "soak.json"))
     args = ap.parse_args(argv)
     rows, summary, wall = asyncio.run(soak(max(1, round(args.hours * 60))))
-    first, last = rows[0], rows[-1]
+    last = rows[-1]
     result = dict(simulated_minutes=len(rows), wall_seconds=round(wall, 1), rows=rows, summary=summary,
                   av_offset_max_ms=max(abs(r["av_offset_ms"]) for r in rows),
                   pairing_err_max_ms=max(r["pairing_err_ms"] for r in rows),

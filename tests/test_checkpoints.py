@@ -7,7 +7,7 @@ import torch
 from avatar import download as dl
 from conftest import TINY, make_checkpoint_folder, tiny_stage1, tiny_stage2
 from models.checkpoints import (export_official, load_stage1, load_stage2, read_state_file, save_checkpoint,
-                                stage1_from_state_dict, stage2_from_state_dict)
+                                stage1_from_state_dict)
 from models.errors import AnitalkerError, CheckpointError
 from models.stage1 import Stage1Dims
 

@@ -13,7 +13,6 @@ import functools
 import importlib.util
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np

@@ -40,6 +40,15 @@ def cut(img, crop):
 
 
 @pytest.fixture(scope="module")
+def crop256(photo):
+    """The 256 px crop, its face centre and the ellipsoid head proxy's axes around it."""
+    img, _, crop = photo
+    base = cut(img, crop)
+    fx, fy, fw, fh = detect_face(base)
+    return base, (fx + fw / 2, fy + fh / 2), (0.6 * fw, 0.75 * fw, 0.6 * fw)
+
+
+@pytest.fixture(scope="module")
 def cascades():
     return _cascade("eye"), _cascade("profileface")
 
@@ -59,11 +68,8 @@ def test_roll_follows_in_plane_rotation(photo, cascades):
         assert roll(deg) - base == pytest.approx(deg, abs=4)
 
 
-def test_yaw_sign_on_warped_crops(photo, cascades, bench):
-    img, _, crop = photo
-    base = cut(img, crop)
-    fx, fy, fw, fh = detect_face(base)
-    centre, axes = (fx + fw / 2, fy + fh / 2), (0.6 * fw, 0.75 * fw, 0.6 * fw)
+def test_yaw_sign_on_warped_crops(crop256, cascades, bench):
+    base, centre, axes = crop256
     yaw = lambda im: frame_controls(im, *cascades)[0]   # noqa: E731
     y0 = yaw(base)
     # planar perspective proxy: right sign, about half the angle (no depth to move the nose)
@@ -75,11 +81,8 @@ def test_yaw_sign_on_warped_crops(photo, cascades, bench):
     assert np.sign(yaw(np.ascontiguousarray(base[:, ::-1]))) == -np.sign(y0)
 
 
-def test_pitch_sign_and_magnitude_on_warped_crops(photo, cascades, bench):
-    img, _, crop = photo
-    base = cut(img, crop)
-    fx, fy, fw, fh = detect_face(base)
-    centre, axes = (fx + fw / 2, fy + fh / 2), (0.6 * fw, 0.75 * fw, 0.6 * fw)
+def test_pitch_sign_and_magnitude_on_warped_crops(crop256, cascades, bench):
+    base, centre, axes = crop256
     pitch = lambda im: frame_controls(im, *cascades)[1]   # noqa: E731
     p0 = pitch(base)
     assert abs(p0) < 10          # absolute: JAW_FRONTAL is this face's own value, read as pitch 0
