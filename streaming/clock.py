@@ -13,6 +13,7 @@ The time source is injectable: RealTime for use, FakeTime (virtual seconds) for 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass
 
@@ -30,29 +31,64 @@ class RealTime:
     def now(self) -> float:
         return time.monotonic()
 
+    def spend(self, seconds: float) -> None:
+        """Compute that takes this long (test engines): here, a real sleep."""
+        time.sleep(seconds)
+
     async def sleep_until(self, t: float) -> None:
         # yields even when already late, so consumers and the source reader still get their turn
         await asyncio.sleep(max(0.0, t - time.monotonic()))
 
 
 class FakeTime:
-    """Virtual seconds that jump straight to each deadline. jitter() -> extra lateness of one wake-up
-    (simulates a busy scheduler). settle, if set, is awaited before time moves, so the engine thread has
-    answered everything it was given: a fake clock is then as fast as the CPU and still deterministic."""
+    """Virtual seconds that jump straight to each deadline: fast and deterministic.
+
+    jitter() -> extra lateness of one wake-up (simulates a busy scheduler). The engine runs on its own
+    thread, as it does in real time: a test engine that calls spend(s) from that thread is busy for s
+    virtual seconds while the clock goes on ticking (releasing frames, feeding audio), so an engine slower
+    than real time behaves as it would on a slow machine. Before time moves to a deadline, settle() (set by
+    the session) waits until the engine thread is idle with every answer delivered, or blocked in spend();
+    an engine that wakes before the deadline is woken at its own wake time first. Engines that do not call
+    spend() take no virtual time at all.
+    """
     virtual = True
 
     def __init__(self, start: float = 0.0, jitter=None):
         self.t = float(start)
         self.jitter = jitter
-        self.settle = None
+        self.settle = None            # async () -> None, waits until the engine is idle or in spend()
+        self.on_block = None          # called (engine thread) when the engine starts waiting in spend()
+        self.blocked_until = None     # the wake time of the engine waiting in spend(), else None
+        self._cond = threading.Condition()
 
     def now(self) -> float:
         return self.t
 
+    def spend(self, seconds: float) -> None:
+        """Engine thread: block until the clock has moved `seconds` past now."""
+        with self._cond:
+            wake = self.t + seconds
+            if seconds <= 0:
+                return
+            self.blocked_until = wake
+            if self.on_block is not None:
+                self.on_block()
+            while self.t < wake:
+                self._cond.wait()
+
     async def sleep_until(self, t: float) -> None:
-        if self.settle is not None:
-            await self.settle()
-        self.t = max(self.t, t) + (self.jitter() if self.jitter else 0.0)
+        while True:
+            if self.settle is not None:
+                await self.settle()
+            wake = self.blocked_until
+            if wake is None or wake > t:
+                break
+            with self._cond:                  # run the engine up to its wake time, then settle again
+                self.t, self.blocked_until = max(self.t, wake), None
+                self._cond.notify_all()
+        with self._cond:
+            self.t = max(self.t, t) + (self.jitter() if self.jitter else 0.0)
+            self._cond.notify_all()
         await asyncio.sleep(0)
 
 

@@ -81,8 +81,9 @@ class Session:
         loop = asyncio.get_running_loop()
         if getattr(self.time, "virtual", False):
             self.time.settle = self._settle
+            self.time.on_block = lambda: loop.call_soon_threadsafe(self._progress.set)
         self.worker = EngineWorker(self.animator, loop, lambda: self._gen, self._on_frame, self._on_done,
-                                   self._on_engine_error).start()
+                                   self._on_engine_error, self.time.now).start()
         reader = asyncio.create_task(self._read(source)) if source is not None else None
         await asyncio.sleep(0)                    # let the reader queue what it already has
         try:
@@ -165,10 +166,11 @@ class Session:
         if hasattr(self.source, "interrupt"):
             self.source.interrupt()
 
-    def _restart(self) -> None:
-        """Forget everything queued and in flight; the engine continues from the picture shown last."""
+    def _restart(self, queued: bool = True) -> None:
+        """Forget what is in flight (and queued, for an interrupt); the engine continues from the picture
+        shown last."""
         self._gen += 1
-        self.feed.clear()
+        self.feed.clear(queued)
         self._out.clear()
         if self.worker is not None:
             self.worker.discard_queued()
@@ -235,9 +237,10 @@ class Session:
             return
         self._out.append(frame)
 
-    def _on_done(self, gen: int, kind: str) -> None:
+    def _on_done(self, gen: int, kind: str, samples: int, seconds: float) -> None:
         self.worker.done += 1
         self._progress.set()
+        self.feed.note_work(samples, seconds)
         if kind == "flush" and gen == self._gen:
             self._ended = True
 
@@ -247,7 +250,7 @@ class Session:
             return
         self._report(e)
         if gen == self._gen:          # what was in flight is lost: start again from what is shown
-            self._restart()
+            self._restart(queued=False)
 
     def _report(self, e: BaseException) -> None:
         self.metrics.error(e)
@@ -255,8 +258,9 @@ class Session:
             callback(self.metrics.last_error)
 
     async def _settle(self) -> None:
-        """FakeTime: before virtual time moves on, the engine has answered everything it was given."""
-        while self.worker.done < self.worker.sent and self._fatal is None:
+        """FakeTime: before virtual time moves on, the engine has answered everything it was given, or is
+        busy (spending virtual time) past the next deadline."""
+        while self.worker.done < self.worker.sent and self._fatal is None and self.time.blocked_until is None:
             self._progress.clear()
             await self._progress.wait()
 

@@ -12,6 +12,7 @@ import numpy as np
 from avatar.timebase import SAMPLES_PER_FRAME, AvFrame, AudioChunk
 
 BITS = 16
+CODE_STEP = 0.01            # a ToneAnimator frame's motion code is the previous one + this (a known ramp)
 
 
 def encode_pts(pts: int, size: int = 64) -> np.ndarray:
@@ -27,21 +28,30 @@ def decode_pts(image: np.ndarray) -> int:
 
 
 class ToneAnimator:
-    """delay: seconds of fake compute per push that yields frames. hop: frames come out only in groups
+    """delay: seconds of compute per push that yields frames, spent with spend() (time.sleep, or a FakeTime's
+    spend for an engine that is slow in virtual time). hop: frames come out only in groups
     of hop (a windowed model). hiccup=(pts, n): frames from pts on are held back for n further frames of
-    audio (a late engine), then come out in a burst. latency_frames: what it declares to the session."""
+    audio (a late engine), then come out in a burst. latency_frames: what it declares to the session.
+    meta["motion"] follows a ramp (CODE_STEP per frame) that continues across reset(last) from last's code,
+    as a real engine's motion continues from the frame shown last."""
 
-    def __init__(self, size: int = 64, delay: float = 0.0, hop: int = 1, hiccup=None, latency_frames: int = 0):
-        self.size, self.delay, self.hop, self.hiccup = size, delay, hop, hiccup
+    def __init__(self, size: int = 64, delay: float = 0.0, hop: int = 1, hiccup=None, latency_frames: int = 0,
+                 spend=time.sleep):
+        self.size, self.delay, self.hop, self.hiccup, self.spend = size, delay, hop, hiccup, spend
         self.latency_frames = latency_frames
         self.resets = -1            # reset() below makes it 0
         self.reset()
 
     def reset(self, last=None) -> None:
+        """Drop what was pushed and not returned; the motion ramp continues from ``last``'s code."""
         self._buf = np.zeros(0, np.float32)
         self._next = None           # pts of the next frame
         self._held = []
         self.resets += 1
+        if last is not None and last.meta.get("motion") is not None:
+            self._code = float(last.meta["motion"][0]) + CODE_STEP
+        elif not hasattr(self, "_code"):
+            self._code = 0.0
 
     def push(self, chunk: AudioChunk) -> list[AvFrame]:
         pushed = time.monotonic()
@@ -59,8 +69,10 @@ class ToneAnimator:
         n = len(self._buf) // SAMPLES_PER_FRAME
         for i in range(n):
             audio = self._buf[i * SAMPLES_PER_FRAME:(i + 1) * SAMPLES_PER_FRAME].copy()
-            self._held.append(AvFrame(encode_pts(self._next, self.size), audio, self._next, pushed))
+            self._held.append(AvFrame(encode_pts(self._next, self.size), audio, self._next, pushed,
+                                      meta={"motion": np.array([self._code], np.float32)}))
             self._next += 1
+            self._code += CODE_STEP
         self._buf = self._buf[n * SAMPLES_PER_FRAME:]
 
     def flush(self) -> list[AvFrame]:
@@ -73,6 +85,6 @@ class ToneAnimator:
     def _emit(self) -> list[AvFrame]:
         out, self._held = self._held, []
         if out and self.delay:
-            time.sleep(self.delay)
+            self.spend(self.delay)
         done = time.monotonic()
-        return [AvFrame(f.image, f.audio, f.pts, f.pushed_at, done) for f in out]
+        return [AvFrame(f.image, f.audio, f.pts, f.pushed_at, done, f.meta) for f in out]
