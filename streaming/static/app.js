@@ -11,7 +11,7 @@ const query = new URLSearchParams(location.search);
 
 ws.onmessage = async (e) => {
   const msg = JSON.parse(e.data);
-  if (msg.op === "config") connect(msg.ice_servers, msg.mode === "reenact", msg.camera, msg.calibrate);
+  if (msg.op === "config") { showControls(msg.controls || []); connect(msg.ice_servers, msg.mode === "reenact", msg.camera, msg.calibrate); }
   else if (msg.op === "answer") await pc.setRemoteDescription({ type: "answer", sdp: msg.sdp });
   else if (msg.op === "metrics") { server = msg; show(); }
   else if (msg.op === "error") $("status").textContent = "server: " + msg.error;
@@ -55,6 +55,7 @@ async function stats() {
       audioConcealedSamples: s.concealedSamples, audioPackets: s.packetsReceived });
   });
   browser.currentTime = $("video").currentTime;
+  browser.controlsShown = ["yaw", "location", "scale"].filter((id) => $(id).offsetParent !== null);
   send(Object.assign({ op: "stats" }, browser));
   show();
 }
@@ -89,10 +90,23 @@ async function toggle(id, what, constraints) {
   } catch (err) { $("status").textContent = `${what}: ${err.message}`; }
 }
 
-function pose() {
+// Only the controls the loaded model has are shown (an audio-only model has none).
+function showControls(names) {
+  $("pose").hidden = !names.includes("pose");
+  $("face").hidden = !(names.includes("location") || names.includes("scale"));
+  for (const id of ["location", "scale"]) $(id).parentElement.hidden = !names.includes(id);
+}
+
+function poseChanged() {
   const auto = $("auto").checked;
   const v = (id) => (auto ? null : Number($(id).value));
-  send({ op: "pose", yaw: v("yaw"), pitch: v("pitch"), roll: v("roll") });
+  send({ op: "controls", yaw: v("yaw"), pitch: v("pitch"), roll: v("roll") });
 }
-for (const id of ["auto", "yaw", "pitch", "roll"]) $(id).oninput = pose;
+for (const id of ["auto", "yaw", "pitch", "roll"]) $(id).oninput = poseChanged;
 
+function faceChanged() {
+  const auto = $("faceauto").checked;
+  const v = (id) => (auto || $(id).parentElement.hidden ? null : Number($(id).value));
+  send({ op: "controls", location: v("location"), scale: v("scale") });
+}
+for (const id of ["faceauto", "location", "scale"]) $(id).oninput = faceChanged;
