@@ -66,6 +66,7 @@ class Session:
         self._ended = False
         self._push_resamplers = {}
         self._fatal = None
+        self._aborted = False
 
     @property
     def lead(self) -> int:
@@ -86,12 +87,14 @@ class Session:
                                    self._on_engine_error, self.time.now).start()
         reader = asyncio.create_task(self._read(source)) if source is not None else None
         await asyncio.sleep(0)                    # let the reader queue what it already has
+        failed = True
         try:
             await self.clock.run(self._tick)
+            failed = self._fatal is not None or self._aborted
         finally:
             if reader is not None:
                 reader.cancel()
-            await self.clock.aclose()
+            await self.clock.aclose(failed)
             await asyncio.to_thread(self.worker.stop)
         if self._fatal is not None:
             raise self._fatal
@@ -187,9 +190,12 @@ class Session:
         finally:
             self.clock.sinks.remove(sink)
 
-    def stop(self) -> None:
+    def stop(self, abort: bool = False) -> None:
+        """End the session at the next slot. abort: it was cut short (a signal), so outputs that can be
+        discarded (a file) are discarded rather than finished."""
         self._ended, self.feed.source_done, self._out = True, True, collections.deque()
         self.stop_at_end = True
+        self._aborted = self._aborted or abort
 
     async def __aenter__(self):
         self._task = asyncio.create_task(self.run(stop_at_end=False))
@@ -263,6 +269,7 @@ class Session:
         while self.worker.done < self.worker.sent and self._fatal is None and self.time.blocked_until is None:
             self._progress.clear()
             await self._progress.wait()
+        await self.clock.drained()
 
     async def _read(self, source) -> None:
         live = bool(getattr(source, "live", False))

@@ -88,3 +88,101 @@ class ToneAnimator:
             self.spend(self.delay)
         done = time.monotonic()
         return [AvFrame(f.image, f.audio, f.pts, f.pushed_at, done, f.meta) for f in out]
+
+
+# ---- A/V sync: a flash and a click at the same pts, found again where a receiver sees them --------------
+FLASH_PERIOD = 25           # one flash a second
+CLICK = (0.8 * np.cos(2 * np.pi * 1000 * np.arange(80) / 16000)).astype(np.float32)  # 5 ms, loud from its 1st sample
+
+
+class SyncAnimator(ToneAnimator):
+    """The test pattern: every FLASH_PERIOD-th frame is white and its audio starts with a 5 ms click; the
+    others are black and silent. A thin strip of pts bars runs across the middle (decode_pts reads it).
+    Input audio only paces it. Offsets between flashes and clicks measured at a sink's output are what a
+    viewer of that output sees."""
+
+    def _emit(self) -> list[AvFrame]:
+        return [self._pattern(f) for f in super()._emit()]
+
+    def _pattern(self, f: AvFrame) -> AvFrame:
+        flash = f.pts % FLASH_PERIOD == 0
+        image = np.full((self.size, self.size, 3), 255 if flash else 0, np.uint8)
+        strip = slice(self.size // 2 - self.size // 32, self.size // 2 + self.size // 32)
+        image[strip] = f.image[strip]
+        audio = np.zeros(SAMPLES_PER_FRAME, np.float32)
+        if flash:
+            audio[:len(CLICK)] = CLICK
+        return AvFrame(image, audio, f.pts, f.pushed_at, f.produced_at, f.meta)
+
+
+def is_flash(image: np.ndarray) -> bool:
+    return float(np.asarray(image, np.float32).mean()) > 128
+
+
+def flash_times(images_and_times) -> list[float]:
+    """The times of the frames where the picture turns white (each flash counted once)."""
+    out, before = [], False
+    for t, image in images_and_times:
+        now = is_flash(image)
+        if now and not before:
+            out.append(float(t))
+        before = now
+    return out
+
+
+def click_times(audio: np.ndarray, rate: int, t0: float = 0.0, threshold: float = 0.2) -> list[float]:
+    """The times of click onsets in a mono track (a sample above threshold after 100 ms of quiet);
+    sample i is at t0 + i / rate."""
+    loud = np.flatnonzero(np.abs(np.asarray(audio, np.float32)) > threshold)
+    quiet = int(0.1 * rate)
+    onsets = [i for k, i in enumerate(loud) if k == 0 or i - loud[k - 1] > quiet]
+    return [t0 + i / rate for i in onsets]
+
+
+def av_offsets(flashes, clicks, window: float = 0.5) -> list[float]:
+    """Click time - flash time (seconds, positive: sound late) for each flash with a click within window."""
+    clicks = np.asarray(clicks, float)
+    out = []
+    for t in flashes:
+        if len(clicks):
+            d = clicks - t
+            i = int(np.argmin(np.abs(d)))
+            if abs(d[i]) <= window:
+                out.append(float(d[i]))
+    return out
+
+
+class FakeOutputStream:
+    """A sound device double with its own clock: it pulls `blocksize` samples every blocksize / rate
+    seconds of *its* clock, which runs `skew` faster than the time source's (0.001: 0.1 % fast), and says
+    when each block reaches its DAC (outputBufferDacTime: pull time + latency, on the time source's clock).
+    Drive it with run_until(t) (FakeTime.on_advance does). Same signature as sounddevice.OutputStream."""
+    samplerate = 48000
+
+    def __init__(self, clock, skew: float = 0.0, blocksize: int = 480, device_latency: float = 0.02):
+        self.clock, self.skew, self.blocksize, self.device_latency = clock, skew, blocksize, device_latency
+
+    def __call__(self, *, device=None, samplerate, channels, dtype, callback, latency):
+        self.samplerate, self.callback, self.latency = samplerate, callback, self.device_latency
+        return self
+
+    @property
+    def time(self) -> float:
+        return self.clock.now()
+
+    def start(self) -> None:
+        self.next = self.clock.now()
+        if hasattr(self.clock, "on_advance"):
+            self.clock.on_advance.append(self.run_until)
+
+    def run_until(self, t: float) -> None:
+        period = self.blocksize / self.samplerate / (1 + self.skew)
+        while self.next <= t:
+            out = np.zeros((self.blocksize, 1), np.float32)
+            info = type("TimeInfo", (), dict(currentTime=self.next, outputBufferDacTime=self.next + self.latency))
+            self.callback(out, self.blocksize, info, None)
+            self.next += period
+
+    def close(self) -> None:
+        if hasattr(self.clock, "on_advance") and self.run_until in self.clock.on_advance:
+            self.clock.on_advance.remove(self.run_until)
