@@ -168,7 +168,7 @@ class AvatarServer:
             await ws.send(json.dumps({"op": "config", "ice_servers": ice, "mode": mode,
                                       "camera": self.camera is not None, "calibrate": self._calibrates(),
                                       "controls": list(self.session.controls)}))
-            async for message in ws:
+            async for message in self._messages(ws):
                 try:
                     if isinstance(message, bytes):
                         self._pcm(client, message)
@@ -184,6 +184,17 @@ class AvatarServer:
                 self.session.close_stream(stream)
             if client.pc is not None:
                 await self.sink.disconnect(client.pc)
+
+    @staticmethod
+    async def _messages(ws):
+        """The client's messages until it leaves; a connection that drops without a close frame is one
+        line in the log, not a traceback."""
+        from websockets.exceptions import ConnectionClosedError
+        try:
+            async for message in ws:
+                yield message
+        except ConnectionClosedError as e:
+            log.info("client %s left without closing: %s", ws.remote_address, e)
 
     async def _command(self, client: Client, msg) -> None:
         op = msg.get("op") if isinstance(msg, dict) else None

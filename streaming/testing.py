@@ -5,6 +5,11 @@ samples it was given, so tests can check A/V pairing, continuity and counts on r
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
 import time
 
 import numpy as np
@@ -186,3 +191,24 @@ class FakeOutputStream:
     def close(self) -> None:
         if hasattr(self.clock, "on_advance") and self.run_until in self.clock.on_advance:
             self.clock.on_advance.remove(self.run_until)
+
+
+@contextlib.contextmanager
+def chromium(url: str, profile, *extra_flags):
+    """Debian's headless Chromium on url, its fake microphone (a beep) and camera allowed without asking, a
+    new profile in `profile`; killed (with its helpers) on exit. The flags keep it off the network."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        raise RuntimeError("needs Debian's chromium (apt install chromium)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--autoplay-policy=no-user-gesture-required",
+             "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+             "--remote-debugging-port=0", *extra_flags]
+    browser = subprocess.Popen([exe, *flags, url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        yield browser
+    finally:
+        os.killpg(browser.pid, signal.SIGKILL)       # Chromium and its helpers: one group, started here
+        browser.wait(10)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from streaming import avsync
-from streaming.clock import FakeTime, RealTime
+from streaming.clock import FakeTime
 from streaming.session import Session
 from streaming.sinks import FileSink, SpeakerSink, VirtualCamSink
-from streaming.testing import FakeOutputStream, SyncAnimator
+from streaming.testing import FakeOutputStream, SyncAnimator, chromium
 from test_shell_mic import jack, run_py  # noqa: F401  (a JACK dummy server for PortAudio)
 
 
@@ -96,3 +96,27 @@ def test_speaker_over_jack_and_the_camera_line_up(jack):
                "                      latency=speaker.device_latency, underruns=speaker.underruns)))\n")
     print(r)
     assert r["n"] >= 4 and abs(r["median_ms"]) <= 20 and r["max_abs_ms"] <= 40, r
+
+
+def test_webrtc_as_headless_chromium_renders_it(tmp_path):
+    """The page measures its own stream (?avsync=1): each flash at its requestVideoFrameCallback display
+    time, each click where the audio clock puts it, both on performance.now(). Chrome's receiver brings
+    audio and video together over its first seconds (~130 ms apart at first here), so the check is on
+    the last third of 24 s; the bound is two frames, the README has the measured figure."""
+    from test_shell_server import CHROMIUM, page_stats, served
+    if CHROMIUM is None:
+        pytest.skip("needs Debian's chromium (apt install chromium)")
+    report = {}
+
+    async def go(server, session):
+        with chromium(f"http://127.0.0.1:{server.port}/?avsync=1", tmp_path):
+            await asyncio.sleep(24)
+            report.update(page_stats(server).get("avsync") or {})
+
+    served(go, SyncAnimator(size=128))
+    flashes = report.get("flashes", [])
+    assert len(flashes) >= 15, report
+    late = {"flashes": [t for t in flashes if t >= flashes[0] + 14000], "clicks": report.get("clicks", [])}
+    s = avsync.summary(avsync.page_offsets(late))
+    print("webrtc in chromium, last third:", s)
+    assert s["n"] >= 5 and abs(s["median_ms"]) <= 80, (s, report)

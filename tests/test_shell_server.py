@@ -2,12 +2,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import shutil
-import signal
-import subprocess
 import urllib.request
 
 import numpy as np
@@ -20,7 +16,7 @@ pytest.importorskip("websockets")
 from models.errors import AnitalkerError  # noqa: E402
 from streaming.server import AvatarServer, check_bind  # noqa: E402
 from streaming.session import Session  # noqa: E402
-from streaming.testing import ToneAnimator  # noqa: E402
+from streaming.testing import ToneAnimator, chromium  # noqa: E402,F401
 from streaming.webrtc import WebRTCSink  # noqa: E402
 
 
@@ -181,23 +177,6 @@ def count_pushes(server) -> list:
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt install chromium)")
-
-
-@contextlib.contextmanager
-def chromium(url: str, profile):
-    """Headless Chromium on url, its fake microphone (a beep) and camera allowed without asking; killed after."""
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--autoplay-policy=no-user-gesture-required",
-             "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-             "--remote-debugging-port=0"]
-    browser = subprocess.Popen([CHROMIUM, *flags, url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    try:
-        yield browser
-    finally:
-        os.killpg(browser.pid, signal.SIGKILL)       # Chromium and its helpers: one group, started here
-        browser.wait(10)
 
 
 async def until(check, timeout: float) -> bool:
