@@ -42,11 +42,11 @@ class StampedCam:
     """pyvirtualcam backend: records (time on `clock`, frame) of every frame the real Camera sends it."""
     clock, sent = time.monotonic, []
 
-    def __init__(self, **kw):
-        StampedCam.sent = []
+    def __init__(self, *, width, height, **kw):
+        StampedCam.sent, self.shape = [], (height, width, 3)
 
-    def send(self, frame):
-        StampedCam.sent.append((StampedCam.clock(), frame.copy()))
+    def send(self, frame):                           # pyvirtualcam hands over the pixels flattened
+        StampedCam.sent.append((StampedCam.clock(), frame.reshape(self.shape).copy()))
 
     def close(self):
         pass

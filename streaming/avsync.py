@@ -24,8 +24,8 @@ from .testing import av_offsets, click_times, flash_times
 def mp4_offsets(path) -> list[float]:
     """Decode an mp4 as a player would and pair its flashes with its clicks."""
     import av
-    with av.open(str(path)) as box:
-        frames = [(float(f.pts * f.time_base), f.to_ndarray(format="rgb24")) for f in box.decode(video=0)]
+    with av.open(str(path)) as box:        # frame by frame: a long recording never sits in memory
+        flashes = flash_times((float(f.pts * f.time_base), f.to_ndarray(format="rgb24")) for f in box.decode(video=0))
     with av.open(str(path)) as box:
         parts, t0, rate = [], None, None
         for f in box.decode(audio=0):
@@ -33,7 +33,7 @@ def mp4_offsets(path) -> list[float]:
                 t0, rate = float(f.pts * f.time_base), f.sample_rate
             parts.append(f.to_ndarray().reshape(len(f.layout.channels), -1)[0] if f.format.is_planar
                          else f.to_ndarray().reshape(-1, len(f.layout.channels))[:, 0])
-    return av_offsets(flash_times(frames), click_times(np.concatenate(parts), rate, t0))
+    return av_offsets(flashes, click_times(np.concatenate(parts), rate, t0))
 
 
 def played_clicks(log, rate: int) -> list[float]:

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -121,7 +122,52 @@ class SyncAnimator(ToneAnimator):
 
 
 def is_flash(image: np.ndarray) -> bool:
-    return float(np.asarray(image, np.float32).mean()) > 128
+    """A white top-left corner (an eighth of each side): the whole picture for SyncAnimator, a patch that
+    mark() paints on a real engine's frames."""
+    h, w = image.shape[0] // 8 or 1, image.shape[1] // 8 or 1
+    return float(np.asarray(image[:h, :w], np.float32).mean()) > 128
+
+
+class Marked:
+    """A real engine with the test pattern stamped on its output: every `period`-th frame that comes out
+    of a stretch of silence gets a white corner and a click, the others a black corner. What happens to
+    the pair after the engine (the session, the clock, the sinks) is what bench/soak.py measures."""
+
+    def __init__(self, engine, period: int = 125):
+        self.engine, self.period = engine, period
+        self._quiet = 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def push(self, chunk):
+        return list(self.push_iter(chunk))
+
+    def flush(self):
+        return list(self.flush_iter())
+
+    def push_iter(self, chunk):
+        return map(self._mark, self.engine.push_iter(chunk))
+
+    def flush_iter(self):
+        return map(self._mark, self.engine.flush_iter())
+
+    def reset(self, last=None):
+        self.engine.reset(last)
+
+    def _mark(self, f: AvFrame) -> AvFrame:
+        silent = not np.abs(f.audio).max() > 1e-3
+        self._quiet = self._quiet + 1 if silent else 0
+        flash = silent and self._quiet >= 5 and f.pts % self.period == 0
+        audio = f.audio
+        if flash:
+            audio = f.audio.copy()
+            audio[:len(CLICK)] = CLICK
+        if f.image is None:                       # held: the picture shown is the last one, unmarked
+            return AvFrame(None, audio, f.pts, f.pushed_at, f.produced_at, f.meta)
+        image = f.image.copy()
+        image[:image.shape[0] // 8, :image.shape[1] // 8] = 255 if flash else 0
+        return AvFrame(image, audio, f.pts, f.pushed_at, f.produced_at, f.meta)
 
 
 def flash_times(images_and_times) -> list[float]:
@@ -161,7 +207,8 @@ class FakeOutputStream:
     """A sound device double with its own clock: it pulls `blocksize` samples every blocksize / rate
     seconds of *its* clock, which runs `skew` faster than the time source's (0.001: 0.1 % fast), and says
     when each block reaches its DAC (outputBufferDacTime: pull time + latency, on the time source's clock).
-    Drive it with run_until(t) (FakeTime.on_advance does). Same signature as sounddevice.OutputStream."""
+    On a FakeTime it is driven by the clock (on_advance); on real time it pulls from a thread of its own,
+    as PortAudio does. Same signature as sounddevice.OutputStream."""
     samplerate = 48000
 
     def __init__(self, clock, skew: float = 0.0, blocksize: int = 480, device_latency: float = 0.02):
@@ -177,8 +224,15 @@ class FakeOutputStream:
 
     def start(self) -> None:
         self.next = self.clock.now()
+        self._stop = threading.Event()
         if hasattr(self.clock, "on_advance"):
             self.clock.on_advance.append(self.run_until)
+        else:
+            threading.Thread(target=self._pull, name="sound-card", daemon=True).start()
+
+    def _pull(self) -> None:
+        while not self._stop.wait(max(0.0, self.next - self.clock.now())):
+            self.run_until(self.clock.now())
 
     def run_until(self, t: float) -> None:
         period = self.blocksize / self.samplerate / (1 + self.skew)
@@ -189,6 +243,7 @@ class FakeOutputStream:
             self.next += period
 
     def close(self) -> None:
+        self._stop.set()
         if hasattr(self.clock, "on_advance") and self.run_until in self.clock.on_advance:
             self.clock.on_advance.remove(self.run_until)
 

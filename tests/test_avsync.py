@@ -22,10 +22,10 @@ class StampedCam:
     sent = []
 
     def __init__(self, *, width, height, fps, fourcc, device, **kw):
-        StampedCam.sent = []
+        StampedCam.sent, self.shape = [], (height, width, 3)
 
-    def send(self, frame):
-        StampedCam.sent.append((StampedCam.clock(), frame.copy()))
+    def send(self, frame):                           # pyvirtualcam hands over the pixels flattened
+        StampedCam.sent.append((StampedCam.clock(), frame.reshape(self.shape).copy()))
 
     def close(self):
         pass
