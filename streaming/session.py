@@ -127,6 +127,9 @@ class Session:
         await asyncio.sleep(0)                    # let the reader queue what it already has
         try:
             await self.clock.run(self._tick)
+        except BaseException as e:                # a sink failed: recorded first, so file sinks discard
+            self._error = self._error or e
+            raise
         finally:
             if reader is not None:
                 reader.cancel()
@@ -139,6 +142,11 @@ class Session:
         if hasattr(source, "overflows"):
             summary["input_overflows"] = source.overflows
         return summary
+
+    @property
+    def error(self) -> BaseException | None:
+        """What made the session fail, or None; set before the sinks close (a file sink then discards)."""
+        return self._error
 
     def push(self, samples, rate: int = SAMPLE_RATE, *, live: bool = False, stream=None) -> None:
         """Queue mono audio at any rate. Call it on the loop's thread (other threads: call_soon_threadsafe).
