@@ -53,24 +53,21 @@ def read_state_file(path) -> dict:
 
 
 # torch.load(weights_only=True)'s refusals of a pickle that would run code or build arbitrary objects, as
-# torch 2.13 words them (the first names a blocked module's function, e.g. posix.system; the second any
-# other global; the rest objects or opcodes the weights-only unpickler does not allow).
+# torch 2.13 words them: the first names a blocked module's function (os.system is posix.system), the
+# second any other global, the rest objects it will not build. ("Unsupported operand" is not among them:
+# that is a file that is not a pickle torch reads, e.g. a damaged download.)
 _REFUSALS = (r"Trying to load unsupported GLOBAL [\w.]+ whose module [\w.]+ is blocked\.",
              r"Unsupported global: GLOBAL [\w.]+ was not an allowed global by default\.",
-             r"Trying to call reduce for [^\n]*", r"Can only (?:create|build) [^\n]*",
-             r"Unsupported operand \d+")
+             r"Trying to call reduce for [^\n]*", r"Can only (?:create|build) [^\n]*")
 
 
 def unsafe_reason(e: Exception) -> str | None:
     """torch's own sentence when a weights-only load refused a pickle for safety; None for other failures
     (a damaged or foreign file)."""
-    text = str(e)
-    if "Weights only load failed" not in text:
-        return None
     for pattern in _REFUSALS:
-        if found := re.search(pattern, text):
+        if found := re.search(pattern, str(e)):
             return "torch.load(weights_only=True) says: " + found.group(0).rstrip(".")
-    return "torch.load(weights_only=True) refused an object in it that is not a tensor"
+    return None
 
 
 def _first(keys, n=5) -> str:

@@ -189,6 +189,7 @@ def make_live_animator(args):
     from avatar.watermark import FinishedAnimator, make_finish
 
     check_steps(args.steps)
+    controls_from_args(args)                 # bad controls say so before the models load
     original = load_image(args.portrait or asset_path("portrait.jpg"))
     portrait = prepare_portrait(original, crop=not args.no_crop)
     animator = make_animator(args, load_models(args.checkpoints, args.infer_type, args.device,
