@@ -15,9 +15,10 @@ import numpy as np
 
 from avatar.download import DEFAULT_INFER_TYPE, STAGE2, default_dir, download
 from avatar.media import check_output
-from avatar.pipeline import Controls, Speed
 from models.errors import AnitalkerError, Interrupted
-from models.sampler import nearby_step_counts, valid_step_counts
+
+# torch is imported only when a command gets past its cheap checks (a missing output folder is reported in
+# well under a second): the modules that need it are imported inside the functions below.
 
 
 def _floats(text: str, n: int, what: str) -> list[float]:
@@ -57,7 +58,7 @@ def read_pose_file(path) -> np.ndarray:
     return a
 
 
-def controls_from_args(args) -> Controls:
+def controls_from_args(args):
     """Poses are given in degrees and normalised the way the model was trained (/90, clamped to [-1, 1])."""
     pose = None
     if args.pose is not None and args.pose_file is not None:
@@ -68,6 +69,7 @@ def controls_from_args(args) -> Controls:
         pose = read_pose_file(args.pose_file)
     if pose is not None:
         pose = np.clip(pose / 90.0, -1.0, 1.0)
+    from avatar.pipeline import Controls
     return Controls(pose=pose,
                     location=None if args.location is None else _unit(args.location, "--location"),
                     scale=None if args.scale is None else _unit(args.scale, "--scale"))
@@ -112,28 +114,31 @@ def add_picture_args(p: argparse.ArgumentParser) -> None:
 
 def check_steps(steps: int) -> None:
     """A DDIM step count the schedule reaches, or one line with the nearby ones (before any model loads)."""
+    from models.sampler import nearby_step_counts, valid_step_counts
     if steps not in valid_step_counts():
         near = ", ".join(map(str, nearby_step_counts(steps)))
         raise AnitalkerError(f"--steps {steps} is not a count that a whole stride of the 1000-step schedule "
                              f"gives; nearby valid counts: {near}")
 
 
-def speed_from_args(args) -> Speed:
+def speed_from_args(args):
+    from avatar.pipeline import Speed
     return Speed(precision=args.precision, compile=args.compile)
 
 
 def cmd_render(args) -> int:
+    check_output(args.output)            # the cheap checks first: a typo costs a second, not a model load
+    check_steps(args.steps)
     from avatar.offline import render_file
     from avatar.pipeline import load_models
     from avatar.portrait import asset_path
 
     portrait = args.portrait or asset_path("portrait.jpg")
     audio = args.audio or asset_path("sentence.wav")
-    check_output(args.output)            # the cheap checks first: a typo costs a second, not a model load
-    check_steps(args.steps)
     controls = controls_from_args(args)
     models = load_models(args.checkpoints, args.infer_type, args.device, speed_from_args(args))
-    mode = f"streaming, hop {args.hop}, lookahead {args.lookahead}" if args.streaming else "one pass"
+    mode = f"streaming, hop {stream_option(args, 'hop')}, lookahead {stream_option(args, 'lookahead')}" \
+        if args.streaming else "one pass"
     print(f"rendering {portrait} + {audio} -> {args.output} ({models.infer_type}, {args.steps} steps, {mode}, "
           f"{models.device})", file=sys.stderr)
     if args.streaming:
@@ -152,20 +157,52 @@ def cmd_render(args) -> int:
     return 0
 
 
+class EngineDefault:
+    """A streaming option's default, read from StreamConfig when it is needed (help, or making the engine):
+    building the parser then imports no torch."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @property
+    def value(self):
+        from avatar.animator import StreamConfig
+        return getattr(StreamConfig(), self.name)
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class _Continuity:
+    """avatar.motion.CONTINUITY, imported when --continuity is given or help is shown."""
+
+    def _names(self):
+        from avatar.motion import CONTINUITY
+        return CONTINUITY
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
+def stream_option(args, name: str):
+    value = getattr(args, name)
+    return value.value if isinstance(value, EngineDefault) else value
+
+
 def add_stream_args(p: argparse.ArgumentParser) -> None:
     """The streaming engine's options (live, and render --streaming)."""
-    from avatar.animator import StreamConfig
-    from avatar.motion import CONTINUITY
-
-    d = StreamConfig()
     g = p.add_argument_group("streaming")
-    g.add_argument("--hop", type=int, default=d.hop, help="frames committed per motion window (default %(default)s)")
-    g.add_argument("--lookahead", type=int, default=d.lookahead, help="frames of future audio each window "
-                   "waits for (default %(default)s)")
-    g.add_argument("--context", type=int, default=d.context, help="committed frames each window continues from "
+    g.add_argument("--hop", type=int, default=EngineDefault("hop"), help="frames committed per motion window "
                    "(default %(default)s)")
-    g.add_argument("--continuity", default=d.continuity, choices=CONTINUITY, help="how windows join "
-                   "(default %(default)s)")
+    g.add_argument("--lookahead", type=int, default=EngineDefault("lookahead"), help="frames of future audio each "
+                   "window waits for (default %(default)s)")
+    g.add_argument("--context", type=int, default=EngineDefault("context"), help="committed frames each window "
+                   "continues from (default %(default)s)")
+    g.add_argument("--continuity", default=EngineDefault("continuity"), choices=_Continuity(), help="how windows "
+                   "join (default %(default)s)")
 
 
 def make_animator(args, models, portrait=None):
@@ -177,8 +214,9 @@ def make_animator(args, models, portrait=None):
     if portrait is None:
         portrait = prepare_portrait(load_image(args.portrait or asset_path("portrait.jpg")), crop=not args.no_crop)
     code = encode_portrait(models, to_tensor(portrait.image))
-    config = StreamConfig(hop=args.hop, lookahead=args.lookahead, context=args.context, steps=args.steps,
-                          continuity=args.continuity, seed=args.seed)
+    config = StreamConfig(hop=stream_option(args, "hop"), lookahead=stream_option(args, "lookahead"),
+                          context=stream_option(args, "context"), steps=args.steps,
+                          continuity=stream_option(args, "continuity"), seed=args.seed)
     return StreamingAnimator(models, code, config, controls_from_args(args))
 
 

@@ -149,23 +149,32 @@ def clip_audio(path):
 
 
 def cmd_reenact(args, time_source=None) -> int:
-    from avatar.reenact import ReenactConfig
+    from avatar.media import check_output, check_video, container_format
 
     if sum((args.webcam is not None, args.video is not None, args.serve)) != 1:
         raise AnitalkerError("give one driving source: --webcam N, --video FILE or --serve")
-    if args.video is not None:
-        from avatar.media import check_video
-        check_video(args.video)             # a missing file or one without video: before the model load
     if args.video is not None and args.mic is not None:
         raise AnitalkerError("--mic goes with --webcam or --serve; a --video plays its own audio")
     if not 0.0 <= args.smoothing <= 1.0:
         raise AnitalkerError(f"--smoothing must be between 0 and 1, got {args.smoothing}")
-    config = ReenactConfig(mode=args.mode, crop=not args.no_track, smoothing=args.smoothing)
     outs = output_spec(args).split(",")
-    if args.video is not None and all(o.startswith("file:") and len(o) > 5 for o in outs):
-        return _offline(args, config, [o[5:] for o in outs])
+    offline = args.video is not None and all(o.startswith("file:") and len(o) > 5 for o in outs)
+    # the outputs and the video first, before anything slow (the models, even torch itself) loads
+    if offline:
+        paths = [o[5:] for o in outs]
+        for path in paths:
+            check_output(path)
+        if len({container_format(p) for p in paths}) > 1:
+            raise AnitalkerError(f"the outputs of one offline reenactment share one container: {', '.join(paths)}")
+    else:
+        sinks = prepare_outputs(args)
+    if args.video is not None:
+        check_video(args.video)
 
-    sinks = prepare_outputs(args)           # preflight before the (slow) model load
+    from avatar.reenact import ReenactConfig
+    config = ReenactConfig(mode=args.mode, crop=not args.no_track, smoothing=args.smoothing)
+    if offline:
+        return _offline(args, config, paths)
     capture = WebcamCapture(_device(args.webcam)) if args.webcam is not None else None
     try:                                    # the camera is released on every way out, errors included
         return _live(args, config, sinks, capture, time_source)
@@ -222,18 +231,13 @@ def make_reenactor(args, driver, config):
 
 
 def _offline(args, config, paths) -> int:
-    from avatar.media import check_output, container_format
     from avatar.offline import reenact_file
     from avatar.pipeline import load_models
     from avatar.portrait import asset_path, load_image, prepare_portrait
 
     from .cli import speed_from_args
     portrait = args.portrait or asset_path("portrait.jpg")
-    for path in paths:                      # every output and the portrait's face, before the model load
-        check_output(path)
-    if len({container_format(p) for p in paths}) > 1:
-        raise AnitalkerError(f"the outputs of one offline reenactment share one container: {', '.join(paths)}")
-    prepare_portrait(load_image(portrait), crop=not args.no_crop)
+    prepare_portrait(load_image(portrait), crop=not args.no_crop)     # its face, before the model load
     models = load_models(args.checkpoints, device=args.device, speed=speed_from_args(args), stage1_only=True)
     print(f"reenacting {portrait} with {args.video} -> {', '.join(paths)} ({args.mode}, {models.device})",
           file=sys.stderr)
