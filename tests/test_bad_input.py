@@ -399,3 +399,19 @@ def test_a_preview_that_cannot_open_says_how_to_get_it_before_the_models_load(me
     assert error_line(p) == f"error: {problem}"
     if "no GUI" in problem:
         assert "bash install.sh preview" in problem
+
+
+def test_pushed_pcm_that_is_not_numbers_is_cleaned():
+    """Audio pushed by another program (the server's clients, a TTS adapter) cannot be refused mid-stream:
+    NaN becomes silence and inf full scale, so the models never see a non-number."""
+    import asyncio
+
+    from streaming.sources import PcmSource
+
+    async def pcm():
+        yield np.array([0.25, np.nan, np.inf, -np.inf, -0.5], np.float32), 16000
+
+    async def collect():
+        return [c.samples async for c in PcmSource(pcm())]
+
+    assert np.concatenate(asyncio.run(collect())).tolist() == [0.25, 0.0, 1.0, -1.0, -0.5]
