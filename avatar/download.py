@@ -8,6 +8,8 @@ stage2_*.ckpt and the chinese-hubert-large folder). They are downloaded once int
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
 
 from models.errors import AnitalkerError
@@ -76,6 +78,16 @@ def locate_stage1(folder) -> Path:
     return folder / STAGE1
 
 
+def first_sentence(e: BaseException) -> str:
+    """The first sentence (or line) of an exception's message, for a one-line reason."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    text = text.splitlines()[0].strip()
+    end = re.search(r"[.!?](\s|$)", text)
+    return (text[:end.start() + 1] if end else text)[:200]
+
+
 def download(folder=None, infer_types=(DEFAULT_INFER_TYPE,)) -> Path:
     """Fetch the files for ``infer_types`` into ``folder`` with huggingface_hub (progress bars included)."""
     folder = Path(folder).expanduser() if folder else default_dir()
@@ -83,16 +95,25 @@ def download(folder=None, infer_types=(DEFAULT_INFER_TYPE,)) -> Path:
         if t not in STAGE2:
             raise AnitalkerError(f"unknown infer type {t!r}; choose from {', '.join(STAGE2)} or 'all'")
     files = needed_files(infer_types)
+    made = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)
     try:
         from huggingface_hub import snapshot_download
 
         folder.mkdir(parents=True, exist_ok=True)
         snapshot_download(HUB_REPO, local_dir=folder, allow_patterns=files)
-    except PermissionError as e:
-        raise AnitalkerError(f"cannot write to {folder}: {e}; choose another folder with --checkpoints") from None
-    except Exception as e:  # network errors come in many types (OSError, httpx, hub errors)
-        raise AnitalkerError(f"download from {HUB_URL} failed ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
-                             f"fetch {', '.join(files)} by hand and put them in {folder}") from None
+    except BaseException as e:
+        # A folder this call made and that holds no finished file goes again (the hub's own download
+        # metadata in it included); a folder that was there, or finished files, stay.
+        if made is not None and made.exists() and not any((folder / f).is_file() for f in files):
+            shutil.rmtree(made, ignore_errors=True)
+        if isinstance(e, PermissionError):
+            raise AnitalkerError(f"cannot write to {folder}: {e.strerror}; choose another folder with "
+                                 "--checkpoints") from None
+        if not isinstance(e, Exception):          # Ctrl-C, SIGTERM
+            raise
+        # network errors come in many types (OSError, httpx, hub errors); the hub's first sentence says which
+        raise AnitalkerError(f"download from {HUB_URL} failed: {first_sentence(e)}; fetch {', '.join(files)} "
+                             f"by hand and put them in {folder}") from None
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
         raise AnitalkerError(f"the download finished but {', '.join(missing)} are missing from {folder}; "

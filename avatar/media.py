@@ -2,9 +2,9 @@
 
 The model works on 16 kHz mono float32 audio and 25 fps video: one video frame per 640 samples.
 """
-import itertools
 import os
 import secrets
+import tempfile
 from fractions import Fraction
 
 import av
@@ -80,7 +80,31 @@ def load_audio(path) -> np.ndarray:
         raise AnitalkerError(f"cannot decode audio from {path}: {e}") from e
     if not chunks or sum(c.shape[1] for c in chunks) == 0:
         raise AnitalkerError(f"{path} contains no audio samples")
-    return np.concatenate(chunks, axis=1).mean(axis=0).astype(np.float32)
+    return check_finite(np.concatenate(chunks, axis=1).mean(axis=0).astype(np.float32), path)
+
+
+def check_finite(samples: np.ndarray, path, start: int = 0, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """``samples`` (channels last) if every one is a number; else one line naming the file and the first bad
+    sample's time (a NaN or inf would turn every model output and the encoded sound into garbage).
+    start: index of samples[0] in the file, at ``rate``."""
+    bad = ~np.isfinite(samples)
+    if bad.any():
+        first = start + int(np.argmax(bad.reshape(len(samples), -1).any(axis=1)))
+        raise AnitalkerError(f"{os.fspath(path)} has audio samples that are not numbers (NaN or infinite), the "
+                             f"first at {first / rate:.2f} s: the file is damaged; export it again")
+    return samples
+
+
+def has_audio(path) -> bool:
+    """Whether a media file has an audio track (a missing or unreadable file: an AnitalkerError)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise AnitalkerError(f"file not found: {path}")
+    try:
+        with av.open(path) as container:
+            return bool(container.streams.audio)
+    except (av.FFmpegError, ValueError) as e:
+        raise AnitalkerError(f"cannot open {path}: {e}") from None
 
 
 def read_video_frames(path):
@@ -100,7 +124,12 @@ def read_video_frames(path):
     if not container.streams.video:
         container.close()
         raise AnitalkerError(f"{path} has no video track: give a video file (mp4, webm, mov, ...)")
-    return _frames(container, path)
+    return _Frames(container, path)
+
+
+def check_video(path) -> None:
+    """One line unless ``path`` is a file with a video track (a quick look at the container, no decoding)."""
+    read_video_frames(path).close()     # opens and checks; closing the unstarted reader closes the file
 
 
 def video_seconds(path) -> float:
@@ -123,6 +152,23 @@ def _upright(frame) -> np.ndarray:
     img = frame.to_ndarray(format="rgb24")
     k = round((getattr(frame, "rotation", 0) or 0) / 90) % 4      # degrees counterclockwise
     return np.ascontiguousarray(np.rot90(img, k)) if k else img
+
+
+class _Frames:
+    """The frames of an open container; close() (or the end) closes the file, also before the first frame."""
+
+    def __init__(self, container, path):
+        self._container, self._it = container, _frames(container, path)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+    def close(self) -> None:
+        self._it.close()
+        self._container.close()
 
 
 def _frames(container, path):
@@ -148,81 +194,173 @@ def _even(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img[:h, :w])
 
 
-def write_mp4(path, frames, audio, fps=25, sample_rate=SAMPLE_RATE, progress=None) -> None:
-    """Write H.264 (libx264, yuv420p, crf 18) + AAC mono to `path`, atomically.
+# ------------------------------------------------------------------------------------------ writing video
+# Output names the writer understands -> the container it writes (H.264 + AAC in each).
+CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
+# Said in every file the project writes (the paper's ethics section asks that generated faces be marked).
+DISCLOSURE = ("Generated with anitalker-live from one photo (AniTalker model): a synthetic video, not a "
+              "recording of the person shown.")
 
-    frames: iterable of uint8 (H, W, 3) RGB, all the same size (odd sizes lose the last row/col).
-    audio: float32 mono at `sample_rate`, or None for a silent video. It is cut or zero-padded
-    to exactly n_frames * sample_rate / fps samples and interleaved with the video as it goes.
-    progress(n) is called after each frame with the number of frames written so far.
-    The file is written to a temporary name in the same folder and renamed at the end; on any
-    exception the temporary file is removed and `path` is left untouched.
-    """
+
+def container_format(path) -> str:
+    """The container for an output name, or one line that says which names work."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext not in CONTAINERS:
+        raise AnitalkerError(f"cannot write video to {os.fspath(path)}: the name must end in "
+                             f"{', '.join(CONTAINERS)} (H.264 + AAC)")
+    return CONTAINERS[ext]
+
+
+def check_output(path) -> None:
+    """Refuse, in one line naming the path, an output that cannot be written: a name that is not a video
+    container, a missing folder, a folder that is not writable, a folder given as the file. Commands call
+    it before any model loads, so a typo costs a second, not a render."""
     path = os.fspath(path)
+    container_format(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise AnitalkerError(f"output folder does not exist: {folder}")
-    # a hidden unique name in the same folder (so the rename is atomic); not mkstemp, whose
-    # 0600 mode would end up on the finished video
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.part")
-    try:
-        with av.open(tmp, mode="w", format="mp4") as container:
-            _mux(container, frames, audio, Fraction(fps), int(sample_rate), progress)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    if os.path.isdir(path):
+        raise AnitalkerError(f"{path} is a folder; give the output file's name (e.g. {os.path.join(path, 'out.mp4')})")
+    try:                                   # the real test: permissions, a read-only disk, ACLs, quotas
+        fd, probe = tempfile.mkstemp(prefix=".anitalker-probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise AnitalkerError(f"cannot write to the output folder {folder}: {e.strerror}") from None
 
 
-def _mux(container, frames, audio, fps: Fraction, rate: int, progress) -> int:
-    """Encode frames and the matching audio into an open container -> number of frames."""
-    frames = iter(frames)
-    first = next(frames, None)
-    if first is None:
-        raise AnitalkerError("no video frames to write (is the audio shorter than one frame?)")
-    height, width = _even(np.asarray(first)).shape[:2]
-    video = container.add_stream("libx264", rate=fps)
-    video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-    video.options = {"crf": "18"}
-    sound = None
-    if audio is not None:
-        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-        sound = container.add_stream("aac", rate=rate if rate in _AAC_RATES else 48000)
-        sound.layout = "mono"
-    fed = 0                                             # audio samples given to the encoder
-    for count, img in enumerate(itertools.chain([first], frames), start=1):
-        img = _even(np.asarray(img, dtype=np.uint8))
-        if img.shape[:2] != (height, width):
-            raise ValueError(f"frame {count} is {img.shape[1]}x{img.shape[0]}, "
-                             f"the first was {width}x{height}")
-        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-        frame.pts, frame.time_base = count - 1, 1 / fps
-        container.mux(video.encode(frame))
-        if sound is not None:
-            end = round(count * rate / fps)             # audio that belongs to the frames so far
-            fed = _encode_audio(container, sound, audio, fed, end, rate)
-        if progress is not None:
-            progress(count)
-    container.mux(video.encode(None))
-    if sound is not None:
-        container.mux(sound.encode(None))
-    return count
+class VideoWriter:
+    """H.264 (libx264, yuv420p, crf 18) + AAC into the container the name asks for, frame by frame.
 
-
-def _encode_audio(container, sound, audio, start: int, end: int, rate: int) -> int:
-    """Encode audio[start:end] (zero-padded past its end) -> end.
-
-    pts in samples lets the encoder's 1024-sample priming go into the mp4 edit list, so the
-    decoded audio starts exactly at the first video frame.
+    The file grows under a hidden temporary name in the same folder and close() renames it into place, so
+    ``path`` is either the finished file or untouched: discard() (and any error inside write or close)
+    removes the temporary file instead. Every file carries DISCLOSURE in its metadata.
+    write(image, audio): image uint8 (H, W, 3) RGB, every frame the size of the first (odd sizes lose the
+    last row/column); audio: the samples that belong to this frame, (n,) mono or (n, C), any n, or None
+    when the writer has no sound (audio=False).
     """
-    chunk = np.zeros(end - start, np.float32)
-    have = audio[start:end]
-    chunk[:len(have)] = have
-    frame = av.AudioFrame.from_ndarray(chunk[None], format="flt", layout="mono")
-    frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
-    container.mux(sound.encode(frame))
-    return end
+
+    def __init__(self, path, fps: int = 25, sample_rate: int = SAMPLE_RATE, audio: bool = True):
+        self.path = os.fspath(path)
+        self.format = container_format(self.path)
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise AnitalkerError(f"output folder does not exist: {folder}")
+        # a hidden unique name in the same folder (so the rename is atomic); not mkstemp, whose 0600 mode
+        # would end up on the finished video
+        self.tmp = os.path.join(folder, f".{os.path.basename(self.path)}.{os.getpid()}.{secrets.token_hex(4)}.part")
+        self.fps, self.rate, self.has_audio = Fraction(fps), int(sample_rate), audio
+        self.frames = 0
+        self._samples = 0                         # audio samples given to the encoder
+        self._box = self._video = self._sound = None
+        self.closed = False
+
+    def _open(self, image: np.ndarray, audio) -> None:
+        import av
+        self._box = av.open(self.tmp, mode="w", format=self.format)
+        self._box.metadata["comment"] = DISCLOSURE
+        self._box.metadata["description"] = DISCLOSURE
+        self._size = _even(image).shape[:2]
+        self._video = self._box.add_stream("libx264", rate=self.fps)
+        self._video.height, self._video.width = self._size
+        self._video.pix_fmt, self._video.options = "yuv420p", {"crf": "18"}
+        if self.has_audio:
+            channels = 1 if audio is None or np.ndim(audio) == 1 else np.shape(audio)[1]
+            self._layout = {1: "mono", 2: "stereo"}.get(channels)
+            if self._layout is None:
+                raise AnitalkerError(f"{self.path}: {channels}-channel audio; mono or stereo only")
+            self._sound = self._box.add_stream("aac", rate=self.rate if self.rate in _AAC_RATES else 48000)
+            self._sound.layout = self._layout
+
+    def write(self, image, audio=None) -> None:
+        try:
+            self._write(np.asarray(image, dtype=np.uint8), audio)
+        except BaseException:
+            self.discard()
+            raise
+
+    def _write(self, image: np.ndarray, audio) -> None:
+        import av
+        if self.closed:
+            raise ValueError(f"{self.path}: write after close")
+        if self._box is None:
+            self._open(image, audio)
+        img = _even(image)
+        if img.shape[:2] != self._size:
+            raise ValueError(f"frame {self.frames + 1} is {img.shape[1]}x{img.shape[0]}, the first was "
+                             f"{self._size[1]}x{self._size[0]}")
+        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+        frame.pts, frame.time_base = self.frames, 1 / self.fps
+        self._box.mux(self._video.encode(frame))
+        self.frames += 1
+        if self._sound is not None and audio is not None and len(audio):
+            x = np.ascontiguousarray(audio, dtype=np.float32)
+            af = av.AudioFrame.from_ndarray(x.reshape(1, -1), format="flt", layout=self._layout)
+            # pts in samples lets the encoder's priming go into the edit list, so the decoded audio starts
+            # exactly at the first video frame
+            af.sample_rate, af.pts, af.time_base = self.rate, self._samples, Fraction(1, self.rate)
+            self._box.mux(self._sound.encode(af))
+            self._samples += len(x)
+
+    def close(self) -> None:
+        """Finish the file and rename it into place."""
+        if self.closed:
+            return
+        try:
+            if self._box is None:
+                raise AnitalkerError("no video frames to write (is the audio shorter than one frame?)")
+            self._box.mux(self._video.encode(None))
+            if self._sound is not None:
+                self._box.mux(self._sound.encode(None))
+            self._box.close()
+            os.replace(self.tmp, self.path)
+            self.closed = True
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """Drop what was written; ``path`` stays as it was."""
+        self.closed = True
+        if self._box is not None:
+            try:
+                self._box.close()
+            except Exception:                  # a half-written container may not close cleanly: it goes anyway
+                pass
+            self._box = None
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def write_mp4(path, frames, audio, fps=25, sample_rate=SAMPLE_RATE, progress=None) -> None:
+    """Write a video file (H.264 + AAC; mp4, mov or mkv by the name) atomically, with VideoWriter.
+
+    frames: iterable of uint8 (H, W, 3) RGB, all the same size (odd sizes lose the last row/col).
+    audio: float32 (N,) mono or (N, C) at ``sample_rate``, or None for a silent video. It is cut or
+    zero-padded to exactly n_frames * sample_rate / fps samples and interleaved with the video as it goes.
+    progress(n) is called after each frame with the number of frames written so far.
+    On any exception (or an interrupt) nothing is left behind and ``path`` is untouched.
+    """
+    writer = VideoWriter(path, fps, sample_rate, audio=audio is not None)
+    if audio is not None:
+        audio = np.asarray(audio, dtype=np.float32)
+        audio = audio.reshape(-1) if audio.ndim == 1 or audio.shape[1] == 1 else audio
+    try:
+        for count, img in enumerate(frames, start=1):
+            chunk = None
+            if audio is not None:              # the audio that belongs to the frames so far, zero-padded
+                start, end = writer._samples, round(count * int(sample_rate) / fps)
+                chunk = np.zeros((end - start,) + audio.shape[1:], np.float32)
+                have = audio[start:end]
+                chunk[:len(have)] = have
+            writer.write(img, chunk)
+            if progress is not None:
+                progress(count)
+        writer.close()
+    finally:
+        if not writer.closed:
+            writer.discard()
 
 
 def read_video_info(path) -> dict:

@@ -1,4 +1,4 @@
-"""Offline rendering of one portrait and one audio file to an mp4, in one pass over the utterance."""
+"""Offline rendering to a video file: a portrait and an audio file in one pass over the utterance (or through\nthe streaming engine), and a portrait driven by a video (reenactment)."""
 from __future__ import annotations
 
 import time
@@ -10,11 +10,12 @@ from tqdm import tqdm
 
 from models.errors import AnitalkerError
 
-from .media import load_audio, read_video_frames, video_seconds, write_mp4
+from .media import has_audio, load_audio, read_video_frames, video_seconds, write_mp4
 from .pipeline import Controls, Models, encode_portrait, generate_motion, render
+from .portrait import load_image, prepare_portrait, to_tensor, to_uint8
 from .reenact import ReenactConfig, Reenactor, TimedFrames
 from .timebase import SAMPLE_RATE, SAMPLES_PER_FRAME, AudioChunk
-from .portrait import PasteBack, load_image, prepare_portrait, to_tensor, to_uint8
+from .watermark import make_finish
 
 
 @dataclass
@@ -44,12 +45,31 @@ def _stream(animator, wave: np.ndarray, step: int):
     yield animator.flush()
 
 
+@contextmanager
+def _feature_progress(models: Models, progress: bool):
+    """A bar for the speech-feature stage, which is one forward pass: it counts HuBERT's convolutional front
+    and each transformer layer as they finish (MFCC: one step)."""
+    hubert = models.hubert.model if models.hubert is not None and models.stage2.dims.audio == "hubert" else None
+    parts = [hubert.feature_extractor, *hubert.encoder.layers] if hubert is not None else []
+    with tqdm(total=max(1, len(parts)), desc="features", unit="layer" if parts else "step",
+              disable=not progress) as bar:
+        def done(*_):                                  # returns None: the module's output stays as it is
+            bar.update(1)
+        hooks = [m.register_forward_hook(done) for m in parts]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+        bar.update(bar.total - bar.n)
+
+
 def render_file_streaming(animator, original, box, audio_path, out_path, *, paste_back: bool = False,
-                          chunk_ms: int = 20, progress: bool = True) -> Timings:
+                          watermark: str | None = None, chunk_ms: int = 20, progress: bool = True) -> Timings:
     """Render a file through the streaming engine: the audio is pushed in ``chunk_ms`` chunks as a live
-    source would push it, and the frames with their own audio go to the mp4."""
+    source would push it, and the frames with their own audio go to the video file."""
     wave = load_audio(audio_path)
-    paste = PasteBack(original, box) if paste_back and box is not None else None
+    finish = make_finish(original, box, paste_back=paste_back, watermark=watermark)
     step = 16 * chunk_ms
 
     def frames():  # written as they come, so a long file never sits in memory
@@ -57,7 +77,7 @@ def render_file_streaming(animator, original, box, audio_path, out_path, *, past
             for out in _stream(animator, wave, step):
                 bar.update(len(out))
                 for f in out:
-                    yield paste(f.image) if paste is not None else f.image
+                    yield finish(f.image)
 
     # The frames carry exactly the wave's samples, padded with silence to whole frames: write_mp4 pads the
     # same way, so the wave itself is the soundtrack.
@@ -70,7 +90,7 @@ def render_file_streaming(animator, original, box, audio_path, out_path, *, past
 
 def render_file(models: Models, portrait_path, audio_path, out_path, *, controls: Controls = Controls(),
                 steps: int = 50, seed: int = 0, crop: bool = True, paste_back: bool = False,
-                batch: int = 1, progress: bool = True) -> Timings:
+                watermark: str | None = None, batch: int = 1, progress: bool = True) -> Timings:
     """Render ``out_path`` (H.264 + AAC, 25 fps) in one pass over the utterance, as the official code does.
     Nothing is written unless every step succeeds."""
     timings = Timings()
@@ -79,14 +99,14 @@ def render_file(models: Models, portrait_path, audio_path, out_path, *, controls
         portrait = prepare_portrait(original, crop=crop)
         code = encode_portrait(models, to_tensor(portrait.image))
     wave = load_audio(audio_path)
-    with timings("features"):
+    with timings("features"), _feature_progress(models, progress):
         audio, frames = models.features(wave)
     if frames < 1:
         raise AnitalkerError(f"{audio_path} is too short: it needs at least 40 ms of audio for one video frame")
     with timings("motion"), tqdm(total=steps, desc="motion", unit="step", disable=not progress) as bar:
         alphas = generate_motion(models, code, audio, frames, controls, steps, seed,
                                  on_step=lambda *_: bar.update(1))[0]
-    paste = PasteBack(original, portrait.box) if paste_back and portrait.box is not None else None
+    finish = make_finish(original, portrait.box, paste_back=paste_back, watermark=watermark)
 
     def frames_u8():
         with tqdm(total=frames, desc="render", unit="frame", disable=not progress) as bar:
@@ -97,8 +117,8 @@ def render_file(models: Models, portrait_path, audio_path, out_path, *, controls
                     if out is None:
                         return
                     imgs = to_uint8(out.float().cpu())
-                    if paste is not None:
-                        imgs = np.stack([paste(img) for img in imgs])
+                    if finish:
+                        imgs = np.stack([finish(img) for img in imgs])
                 bar.update(len(imgs))
                 yield from imgs
 
@@ -109,7 +129,8 @@ def render_file(models: Models, portrait_path, audio_path, out_path, *, controls
 
 
 def reenact_file(models: Models, portrait_path, video_path, out_path, *, config: ReenactConfig = ReenactConfig(),
-                 crop: bool = True, paste_back: bool = False, progress: bool = True) -> Timings:
+                 crop: bool = True, paste_back: bool = False, watermark: str | None = None,
+                 progress: bool = True) -> Timings:
     """The face in ``video_path`` drives the portrait: ``out_path`` at 25 fps for the clip's duration, with
     the clip's audio (silence when it has none). ``crop`` is about the portrait; ``config.crop`` about the
     driving frames. Frames are written as they come, so a long clip never sits in memory."""
@@ -121,16 +142,13 @@ def reenact_file(models: Models, portrait_path, video_path, out_path, *, config:
     frames = read_video_frames(video_path)        # checks the file and its video track first
     with closing(frames):                         # the decoder's file is closed also when writing fails
         seconds = video_seconds(video_path)
-        try:
-            wave = load_audio(video_path)
-        except AnitalkerError:                    # a clip without sound is driven over silence
-            wave = None
+        wave = load_audio(video_path) if has_audio(video_path) else None   # no sound: driven over silence
         n_samples = max(SAMPLES_PER_FRAME, round(seconds * SAMPLE_RATE))
         track = np.zeros(n_samples, np.float32)
         if wave is not None:
             track[:min(len(wave), n_samples)] = wave[:n_samples]
         animator = Reenactor(models, code, TimedFrames(frames), config)
-        paste = PasteBack(original, portrait.box) if paste_back and portrait.box is not None else None
+        finish = make_finish(original, portrait.box, paste_back=paste_back, watermark=watermark)
         step = 16 * 20                            # 20 ms chunks, as a live source pushes them
 
         def out_frames():
@@ -139,7 +157,7 @@ def reenact_file(models: Models, portrait_path, video_path, out_path, *, config:
                 for out in _stream(animator, track, step):
                     bar.update(len(out))
                     for f in out:
-                        yield paste(f.image) if paste is not None else f.image
+                        yield finish(f.image)
 
         t0 = time.perf_counter()
         write_mp4(out_path, out_frames(), track)

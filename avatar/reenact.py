@@ -312,8 +312,9 @@ class Reenactor:
         self._due = None
         return self._frames(self.now())
 
-    def reset(self) -> None:
-        """Interrupt: pending partial audio is dropped; the motion is kept so the head does not jump."""
+    def reset(self, last=None) -> None:
+        """Interrupt: pending partial audio is dropped; the motion follows the camera, so it needs no
+        ``last`` to continue from and the head does not jump."""
         self._audio = np.zeros(0, np.float32)
 
     def calibrate(self, image: np.ndarray | None = None) -> None:

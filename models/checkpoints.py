@@ -40,18 +40,34 @@ def read_state_file(path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found is None:  # not a pickle torch understands: a truncated download or another format
+        if (why := unsafe_reason(e)) is None:  # not a pickle torch understands: a truncated download, ...
             raise CheckpointError(f"cannot read checkpoint {path}: it is damaged or not a torch checkpoint "
                                   "(download it again)") from None
-        raise CheckpointError(f"{path} holds pickled Python objects beyond tensors ({found.group(1)}), so it is "
-                              "refused for safety (torch.load weights_only=True); re-save it as a plain state dict"
-                              ) from None
+        raise CheckpointError(f"{path} is unsafe to load and was refused: {why}; load only checkpoints of plain "
+                              "tensors (the official files are), or re-save this one as a state dict") from None
     except Exception as e:  # truncated download, not a torch file, ...
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}"[:400]) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} is not a state dict (it holds a {type(obj).__name__})")
     return obj
+
+
+# torch.load(weights_only=True)'s refusals of a pickle that would run code or build arbitrary objects, as
+# torch 2.13 words them: the first names a blocked module's function (os.system is posix.system), the
+# second any other global, the rest objects it will not build. ("Unsupported operand" is not among them:
+# that is a file that is not a pickle torch reads, e.g. a damaged download.)
+_REFUSALS = (r"Trying to load unsupported GLOBAL [\w.]+ whose module [\w.]+ is blocked\.",
+             r"Unsupported global: GLOBAL [\w.]+ was not an allowed global by default\.",
+             r"Trying to call reduce for [^\n]*", r"Can only (?:create|build) [^\n]*")
+
+
+def unsafe_reason(e: Exception) -> str | None:
+    """torch's own sentence when a weights-only load refused a pickle for safety; None for other failures
+    (a damaged or foreign file)."""
+    for pattern in _REFUSALS:
+        if found := re.search(pattern, str(e)):
+            return "torch.load(weights_only=True) says: " + found.group(0).rstrip(".")
+    return None
 
 
 def _first(keys, n=5) -> str:
@@ -104,16 +120,29 @@ def stage1_dims_from_keys(sd: dict) -> Stage1Dims:
         dec_last = sd[f"dec.to_rgbs.{n_res - 1}.conv.0.weight"].shape[1]  # decoder channels at full size
     except KeyError as e:
         raise CheckpointError(f"not a stage-1 (motion encoder/renderer) checkpoint: no key {e}") from None
+    except IndexError:                     # keys that look like stage 1 but with a wrong count of blocks
+        raise CheckpointError("not a stage-1 (motion encoder/renderer) checkpoint: its blocks are not "
+                              "the official ones") from None
     size = 4 * 2 ** n_res
     divisor = max(1, Stage1Dims(size=size).enc_channels(size) // enc_first)
     return Stage1Dims(size=size, style_dim=int(style_dim), motion_dim=int(motion_dim),
                       channel_multiplier=max(1, dec_last // enc_first), channel_divisor=divisor)
 
 
+def _in(source: str, read):
+    """read() with the file's name put in front of a CheckpointError that lacks it."""
+    try:
+        return read()
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}" if source not in str(e) else str(e)) from None
+    except (TypeError, ValueError) as e:          # dims of the wrong kind in a project checkpoint
+        raise CheckpointError(f"{source}: its model dims are not valid ({e})") from None
+
+
 def stage1_from_state_dict(obj: dict, source: str = "stage-1 checkpoint") -> Stage1:
     dims, sd = _unwrap(obj, "stage1", source)
     sd = {k[4:] if k.startswith("lia.") else k: v for k, v in sd.items()}
-    dims = Stage1Dims(**dims) if dims is not None else stage1_dims_from_keys(sd)
+    dims = _in(source, lambda: Stage1Dims(**dims) if dims is not None else stage1_dims_from_keys(sd))
     model = Stage1(dims)
     _load_into(model, sd, source, extras_ok=True)
     return model
@@ -175,9 +204,9 @@ def stage2_from_state_dict(obj: dict, source: str = "stage-2 checkpoint") -> Sta
     dims, sd = _unwrap(obj, "stage2", source)
     if dims is None:
         sd = _prefixed(sd)
-        dims = stage2_dims_from_keys(sd)
+        dims = _in(source, lambda: stage2_dims_from_keys(sd))
     else:
-        dims = Stage2Dims(**dims)
+        dims = _in(source, lambda: Stage2Dims(**dims))
     model = Stage2(dims)
     _load_into(model, sd, source, extras_ok=False)
     return model

@@ -31,9 +31,16 @@ class Schedule:
         return int(self.timesteps.numel())
 
 
-def _valid_counts(T: int) -> list[int]:
-    # The official search tries strides 1..T-1 only, so e.g. a single step is not available.
+def valid_step_counts(T: int = 1000) -> list[int]:
+    """Every step count a whole stride of the T-step process gives exactly. The official search tries
+    strides 1..T-1 only, so e.g. a single step is not available."""
     return sorted({len(range(0, T, k)) for k in range(1, T)})
+
+
+def nearby_step_counts(steps: int, T: int = 1000) -> list[int]:
+    """The three valid counts below and above ``steps``."""
+    valid = valid_step_counts(T)
+    return [n for n in valid if n < steps][-3:] + [n for n in valid if n > steps][:3]
 
 
 def ddim_schedule(steps: int, T: int = 1000, beta_start: float = 1e-4,
@@ -45,11 +52,8 @@ def ddim_schedule(steps: int, T: int = 1000, beta_start: float = 1e-4,
     """
     stride = next((k for k in range(1, T) if len(range(0, T, k)) == steps), None)
     if stride is None:
-        valid = _valid_counts(T)
-        lower = [n for n in valid if n < steps][-3:]
-        upper = [n for n in valid if n > steps][:3]
         raise ValueError(f"cannot sample with {steps} DDIM steps: no integer stride gives exactly "
-                         f"{steps} of {T} timesteps; nearby valid step counts: {lower + upper}")
+                         f"{steps} of {T} timesteps; nearby valid step counts: {nearby_step_counts(steps, T)}")
     betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
     full = np.cumprod(1.0 - betas)
     kept = np.arange(0, T, stride)

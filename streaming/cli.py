@@ -1,18 +1,24 @@
 """The ``anitalker`` command line.
 
 Every user-fixable error is one line on stderr and exit status 1; ``--debug`` shows the traceback.
+SIGINT (Ctrl-C) and SIGTERM stop a command the same way: partial files are removed, one line says so, and
+the exit status is 130 or 143.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from avatar.download import DEFAULT_INFER_TYPE, STAGE2, default_dir, download
-from avatar.pipeline import Controls, Speed
-from models.errors import AnitalkerError
+from avatar.media import check_output
+from models.errors import AnitalkerError, Interrupted
+
+# torch is imported only when a command gets past its cheap checks (a missing output folder is reported in
+# well under a second): the modules that need it are imported inside the functions below.
 
 
 def _floats(text: str, n: int, what: str) -> list[float]:
@@ -20,8 +26,9 @@ def _floats(text: str, n: int, what: str) -> list[float]:
         vals = [float(v) for v in text.split(",")]
     except ValueError:
         vals = []
-    if len(vals) != n:
-        raise AnitalkerError(f"{what} takes {n} comma-separated numbers, got {text!r}")
+    if len(vals) != n or not np.all(np.isfinite(vals)):
+        want = "a finite number" if n == 1 else f"{n} comma-separated finite numbers"
+        raise AnitalkerError(f"{what} takes {want}, got {text!r}")
     return vals
 
 
@@ -44,10 +51,14 @@ def read_pose_file(path) -> np.ndarray:
     a = np.asarray(a, dtype=np.float32)
     if a.ndim != 2 or a.shape[1] != 3 or len(a) == 0:
         raise AnitalkerError(f"pose file {path} must hold rows of yaw,pitch,roll in degrees; got shape {a.shape}")
+    bad = ~np.isfinite(a).all(axis=1)
+    if bad.any():
+        raise AnitalkerError(f"pose file {path} has {int(bad.sum())} rows that are not finite numbers (NaN or "
+                             f"inf), the first is row {int(np.argmax(bad)) + 1}; give degrees in every row")
     return a
 
 
-def controls_from_args(args) -> Controls:
+def controls_from_args(args):
     """Poses are given in degrees and normalised the way the model was trained (/90, clamped to [-1, 1])."""
     pose = None
     if args.pose is not None and args.pose_file is not None:
@@ -58,6 +69,7 @@ def controls_from_args(args) -> Controls:
         pose = read_pose_file(args.pose_file)
     if pose is not None:
         pose = np.clip(pose / 90.0, -1.0, 1.0)
+    from avatar.pipeline import Controls
     return Controls(pose=pose,
                     location=None if args.location is None else _unit(args.location, "--location"),
                     scale=None if args.scale is None else _unit(args.scale, "--scale"))
@@ -88,24 +100,45 @@ def add_model_args(p: argparse.ArgumentParser, audio: bool = True) -> None:
                    "encoder): faster per frame after a one-off warm-up of tens of seconds")
     g.add_argument("--no-crop", action="store_true", help="use the whole portrait, squashed to 256x256, "
                    "instead of detecting and cropping the face")
+    add_picture_args(p)
 
 
-def speed_from_args(args) -> Speed:
+def add_picture_args(p: argparse.ArgumentParser) -> None:
+    """What is done to every output picture, in every command that makes pictures."""
+    g = p.add_argument_group("picture")
+    g.add_argument("--paste-back", action="store_true", help="blend the rendered face back into the original "
+                   "photo (the output has the photo's size)")
+    g.add_argument("--watermark", metavar="TEXT", help="draw TEXT visibly on every output frame (files and live "
+                   "outputs alike; off unless given)")
+
+
+def check_steps(steps: int) -> None:
+    """A DDIM step count the schedule reaches, or one line with the nearby ones (before any model loads)."""
+    from models.sampler import nearby_step_counts, valid_step_counts
+    if steps not in valid_step_counts():
+        near = ", ".join(map(str, nearby_step_counts(steps)))
+        raise AnitalkerError(f"--steps {steps} is not a count that a whole stride of the 1000-step schedule "
+                             f"gives; nearby valid counts: {near}")
+
+
+def speed_from_args(args):
+    from avatar.pipeline import Speed
     return Speed(precision=args.precision, compile=args.compile)
 
 
 def cmd_render(args) -> int:
+    check_output(args.output)            # the cheap checks first: a typo costs a second, not a model load
+    check_steps(args.steps)
     from avatar.offline import render_file
     from avatar.pipeline import load_models
     from avatar.portrait import asset_path
 
     portrait = args.portrait or asset_path("portrait.jpg")
     audio = args.audio or asset_path("sentence.wav")
-    if args.steps < 1:
-        raise AnitalkerError("--steps must be at least 1")
     controls = controls_from_args(args)
     models = load_models(args.checkpoints, args.infer_type, args.device, speed_from_args(args))
-    mode = f"streaming, hop {args.hop}, lookahead {args.lookahead}" if args.streaming else "one pass"
+    mode = f"streaming, hop {stream_option(args, 'hop')}, lookahead {stream_option(args, 'lookahead')}" \
+        if args.streaming else "one pass"
     print(f"rendering {portrait} + {audio} -> {args.output} ({models.infer_type}, {args.steps} steps, {mode}, "
           f"{models.device})", file=sys.stderr)
     if args.streaming:
@@ -115,28 +148,61 @@ def cmd_render(args) -> int:
         original = load_image(portrait)
         prepared = prepare_portrait(original, crop=not args.no_crop)
         timings = render_file_streaming(make_animator(args, models, prepared), original, prepared.box, audio,
-                                        args.output, paste_back=args.paste_back)
+                                        args.output, paste_back=args.paste_back, watermark=args.watermark)
     else:
         timings = render_file(models, portrait, audio, args.output, controls=controls, steps=args.steps,
-                              seed=args.seed, crop=not args.no_crop, paste_back=args.paste_back)
+                              seed=args.seed, crop=not args.no_crop, paste_back=args.paste_back,
+                              watermark=args.watermark)
     print(f"wrote {args.output}\n{timings.table()}", file=sys.stderr)
     return 0
 
 
+class EngineDefault:
+    """A streaming option's default, read from StreamConfig when it is needed (help, or making the engine):
+    building the parser then imports no torch."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @property
+    def value(self):
+        from avatar.animator import StreamConfig
+        return getattr(StreamConfig(), self.name)
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class _Continuity:
+    """avatar.motion.CONTINUITY, imported when --continuity is given or help is shown."""
+
+    def _names(self):
+        from avatar.motion import CONTINUITY
+        return CONTINUITY
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
+def stream_option(args, name: str):
+    value = getattr(args, name)
+    return value.value if isinstance(value, EngineDefault) else value
+
+
 def add_stream_args(p: argparse.ArgumentParser) -> None:
     """The streaming engine's options (live, and render --streaming)."""
-    from avatar.animator import StreamConfig
-    from avatar.motion import CONTINUITY
-
-    d = StreamConfig()
     g = p.add_argument_group("streaming")
-    g.add_argument("--hop", type=int, default=d.hop, help="frames committed per motion window (default %(default)s)")
-    g.add_argument("--lookahead", type=int, default=d.lookahead, help="frames of future audio each window "
-                   "waits for (default %(default)s)")
-    g.add_argument("--context", type=int, default=d.context, help="committed frames each window continues from "
+    g.add_argument("--hop", type=int, default=EngineDefault("hop"), help="frames committed per motion window "
                    "(default %(default)s)")
-    g.add_argument("--continuity", default=d.continuity, choices=CONTINUITY, help="how windows join "
-                   "(default %(default)s)")
+    g.add_argument("--lookahead", type=int, default=EngineDefault("lookahead"), help="frames of future audio each "
+                   "window waits for (default %(default)s)")
+    g.add_argument("--context", type=int, default=EngineDefault("context"), help="committed frames each window "
+                   "continues from (default %(default)s)")
+    g.add_argument("--continuity", default=EngineDefault("continuity"), choices=_Continuity(), help="how windows "
+                   "join (default %(default)s)")
 
 
 def make_animator(args, models, portrait=None):
@@ -148,15 +214,26 @@ def make_animator(args, models, portrait=None):
     if portrait is None:
         portrait = prepare_portrait(load_image(args.portrait or asset_path("portrait.jpg")), crop=not args.no_crop)
     code = encode_portrait(models, to_tensor(portrait.image))
-    config = StreamConfig(hop=args.hop, lookahead=args.lookahead, context=args.context, steps=args.steps,
-                          continuity=args.continuity, seed=args.seed)
+    config = StreamConfig(hop=stream_option(args, "hop"), lookahead=stream_option(args, "lookahead"),
+                          context=stream_option(args, "context"), steps=args.steps,
+                          continuity=stream_option(args, "continuity"), seed=args.seed)
     return StreamingAnimator(models, code, config, controls_from_args(args))
 
 
 def make_live_animator(args):
+    """The streaming engine for ``live``; its frames leave pasted back and marked as the options ask."""
     from avatar.pipeline import load_models
+    from avatar.portrait import asset_path, load_image, prepare_portrait
+    from avatar.watermark import FinishedAnimator, make_finish
 
-    return make_animator(args, load_models(args.checkpoints, args.infer_type, args.device, speed_from_args(args)))
+    check_steps(args.steps)
+    controls_from_args(args)                 # bad controls say so before the models load
+    original = load_image(args.portrait or asset_path("portrait.jpg"))
+    portrait = prepare_portrait(original, crop=not args.no_crop)
+    animator = make_animator(args, load_models(args.checkpoints, args.infer_type, args.device,
+                                               speed_from_args(args)), portrait)
+    finish = make_finish(original, portrait.box, paste_back=args.paste_back, watermark=args.watermark)
+    return FinishedAnimator(animator, finish) if finish else animator
 
 
 def cmd_download(args) -> int:
@@ -176,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "portrait and sentence.")
     r.add_argument("--portrait", metavar="IMAGE", help="portrait photo (default: the bundled one)")
     r.add_argument("--audio", metavar="FILE", help="speech, any format (default: the bundled sentence)")
-    r.add_argument("-o", "--output", default="anitalker.mp4", help="output mp4 (default %(default)s)")
-    r.add_argument("--paste-back", action="store_true", help="blend the rendered face back into the photo")
+    r.add_argument("-o", "--output", metavar="FILE", default="anitalker.mp4", help="output video: .mp4, .mov, "
+                   ".mkv or .m4v (default %(default)s)")
     r.add_argument("--streaming", action="store_true", help="render through the streaming engine (windows of "
                    "--hop frames), to compare with the one-pass rendering")
     add_model_args(r)
@@ -206,23 +283,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminated(signum, _frame):
+    raise Interrupted(signum)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())       # a message that quotes a library's multi-line text stays one line
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every writer removes its partial file on the way out
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.func(args)
-    except AnitalkerError as e:
+    except (AnitalkerError, OSError) as e:   # OSError: a full disk, ...: the OS message names the file
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
-    except OSError as e:  # unwritable output folder, full disk, ...: the OS message names the file
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Interrupted) as e:
+        if not isinstance(e, Interrupted):
+            e = Interrupted(signal.SIGINT)
+        if not e.note and getattr(args, "output", None):
+            e.note = f"nothing was written to {args.output}"
+        print(_one_line(e), file=sys.stderr)
+        return e.exit_code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import shutil
 import signal
 import sys
 
-from models.errors import AnitalkerError
+from models.errors import AnitalkerError, Interrupted
 
 from . import sinks as S
 from .session import JITTER_FRAMES, Session
@@ -51,9 +51,11 @@ def add_live_parser(sub, animator_factory=None):
 
 
 def add_output_args(p) -> None:
-    """--to and what the outputs need (server, WebRTC, devices, metrics): shared by live and reenact."""
+    """-o, --to and what the outputs need (server, WebRTC, devices, metrics): shared by live and reenact."""
+    p.add_argument("-o", "--output", metavar="FILE", help="write the avatar to this video file (.mp4, .mov, "
+                   ".mkv, .m4v); the same as --to file:FILE, and with --to one output more")
     p.add_argument("--to", metavar="OUT[,OUT]", help=f"outputs: {OUTPUTS} (default: webrtc with --serve, "
-                   "else vcam)")
+                   "the -o file if given, else vcam)")
     w = p.add_argument_group("server and WebRTC (--serve, --to webrtc)")
     w.add_argument("--host", default="127.0.0.1", help="address to serve on (default %(default)s; any other "
                    "needs --token)")
@@ -123,9 +125,17 @@ def make_source(args):
     return MicSource(_device(args.mic))
 
 
+def output_spec(args) -> str:
+    """--to plus -o as one list of outputs (default: webrtc with --serve, the -o file, else vcam)."""
+    outs = [o.strip() for o in (args.to or "").split(",") if o.strip()]
+    if getattr(args, "output", None):
+        outs.append(f"file:{args.output}")
+    return ",".join(outs) or ("webrtc" if args.serve else "vcam")
+
+
 def prepare_outputs(args) -> list:
-    """The sinks of --to (default: webrtc with --serve, else vcam), checked before the (slow) model load."""
-    args.to = args.to or ("webrtc" if args.serve else "vcam")
+    """The sinks of --to and -o, checked (names, folders, devices) before the (slow) model load."""
+    args.to = output_spec(args)
     if args.serve and "webrtc" not in args.to.split(","):
         args.to += ",webrtc"
     if "webrtc" in args.to.split(","):
@@ -140,6 +150,9 @@ def cmd_live(args, animator_factory=None, time_source=None) -> int:
     if args.test_pattern:
         from .testing import SyncAnimator
         animator = SyncAnimator(size=256)
+        if getattr(args, "watermark", None) is not None:
+            from avatar.watermark import Finish, FinishedAnimator, Watermark
+            animator = FinishedAnimator(animator, Finish(watermark=Watermark(args.watermark)))
     elif animator_factory is None:
         raise AnitalkerError("this build has no streaming engine yet; use --test-pattern")
     else:
@@ -149,27 +162,57 @@ def cmd_live(args, animator_factory=None, time_source=None) -> int:
 
 
 def run_session(session: Session, source, args, camera=None) -> dict:
-    """Say the configured latency, run until the source ends or Ctrl-C, print (and save) the metrics.
-    camera: where the page's browser camera goes (reenact --serve)."""
+    """Say the configured latency, run until the source ends, SIGINT or SIGTERM, print (and save) the
+    metrics. camera: where the page's browser camera goes (reenact --serve).
+
+    Files: a session that fails discards its file (an existing one stays as it was). An interrupt is how a
+    session with an endless input (a microphone, a camera, the server's clients) ends, so its file is kept;
+    one that cuts a file, TTS or video input short discards it. Either way the interrupt is raised after
+    the metrics, so the command exits 130 / 143."""
     engine = int(getattr(session.animator, "latency_frames", 0))
     print(f"configured latency {session.lead * 40} ms = engine lookahead+hop {engine * 40} ms + jitter "
           f"{(session.lead - engine) * 40} ms, plus compute; outputs: {args.to}", file=sys.stderr)
-    summary = asyncio.run(_run(session, source, args, camera))
+    endless = source is None or getattr(source, "live", False)
+    stopped: dict = {}                    # {"signum": n} once a signal has stopped the session
+    files = [s for s in session.clock.sinks if isinstance(s, S.FileSink)]
+    for sink in files:
+        sink.keep = lambda: session.error is None and (endless or not stopped)
+    summary = asyncio.run(_run(session, source, args, camera, stopped))
     summary.update(getattr(session.animator, "stats", {}))
     print("metrics: " + ", ".join(f"{k} {v}" for k, v in summary.items()), file=sys.stderr)
     if args.metrics_json:
         with open(args.metrics_json, "w") as f:
             json.dump(summary, f, indent=1, default=float)
+    if stopped:
+        paths = ", ".join(s.path for s in files)
+        raise Interrupted(stopped["signum"], (f"kept {paths}" if endless else f"nothing was written to {paths}")
+                          if files else "")
     return summary
 
 
-async def _run(session: Session, source, args, camera=None) -> dict:
+async def _run(session: Session, source, args, camera=None, stopped=None) -> dict:
     loop = asyncio.get_running_loop()
-    try:                                  # Ctrl-C ends the session cleanly, so files close and metrics print
-        loop.add_signal_handler(signal.SIGINT, session.stop)
-    except (NotImplementedError, RuntimeError):
-        pass
+    stopped = {} if stopped is None else stopped
 
+    def stop(signum):                     # the session ends cleanly, so files close and metrics print
+        stopped.setdefault("signum", signum)
+        session.stop()
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in list(handlers):
+        try:
+            loop.add_signal_handler(sig, stop, sig)
+        except (NotImplementedError, RuntimeError, ValueError):     # not the main thread, or no signals
+            del handlers[sig]
+    try:
+        return await _serve(session, source, args, camera)
+    finally:
+        for sig, handler in handlers.items():    # asyncio would leave the default (kill) action behind
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, handler)
+
+
+async def _serve(session: Session, source, args, camera=None) -> dict:
     async def report():
         while args.metrics_every > 0:
             await asyncio.sleep(args.metrics_every)
@@ -217,10 +260,7 @@ def cmd_devices(args) -> int:
         lines.append("cameras (--webcam N): " + (", ".join(cams) or "none found at /dev/video*"))
     else:
         lines.append("cameras: --webcam 0 is the first, 1 the next, ...")
-    import cv2
-    gui = not S.re.search(r"GUI:\s*NONE", cv2.getBuildInformation())
-    lines.append("preview: " + ("OpenCV with GUI" if gui else "unavailable, OpenCV is headless "
-                                "(pip install opencv-python)"))
+    lines.append("preview: " + (S.preview_problem() or "ready (OpenCV with a GUI)"))
     tts = shutil.which("espeak-ng")
     lines.append("tts: " + (f"espeak-ng at {tts}" if tts else "espeak-ng missing (apt install espeak-ng)"))
     print("\n".join(lines))

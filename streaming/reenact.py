@@ -16,9 +16,9 @@ import sys
 import threading
 import time
 
-from models.errors import AnitalkerError
+from models.errors import AnitalkerError, Interrupted
 
-from .live import _device, add_output_args, prepare_outputs, run_session
+from .live import _device, add_output_args, output_spec, prepare_outputs, run_session
 from .session import Session
 from .sinks import PreviewSink
 
@@ -149,22 +149,32 @@ def clip_audio(path):
 
 
 def cmd_reenact(args, time_source=None) -> int:
-    from avatar.reenact import ReenactConfig
+    from avatar.media import check_output, check_video, container_format
 
     if sum((args.webcam is not None, args.video is not None, args.serve)) != 1:
         raise AnitalkerError("give one driving source: --webcam N, --video FILE or --serve")
-    if args.video is not None and not os.path.isfile(args.video):
-        raise AnitalkerError(f"video file not found: {args.video}")
     if args.video is not None and args.mic is not None:
         raise AnitalkerError("--mic goes with --webcam or --serve; a --video plays its own audio")
     if not 0.0 <= args.smoothing <= 1.0:
         raise AnitalkerError(f"--smoothing must be between 0 and 1, got {args.smoothing}")
-    config = ReenactConfig(mode=args.mode, crop=not args.no_track, smoothing=args.smoothing)
-    outs = [o.strip() for o in (args.to or "").split(",") if o.strip()]
-    if args.video is not None and outs and all(o.startswith("file:") and len(o) > 5 for o in outs):
-        return _offline(args, config, [o[5:] for o in outs])
+    outs = output_spec(args).split(",")
+    offline = args.video is not None and all(o.startswith("file:") and len(o) > 5 for o in outs)
+    # the outputs and the video first, before anything slow (the models, even torch itself) loads
+    if offline:
+        paths = [o[5:] for o in outs]
+        for path in paths:
+            check_output(path)
+        if len({container_format(p) for p in paths}) > 1:
+            raise AnitalkerError(f"the outputs of one offline reenactment share one container: {', '.join(paths)}")
+    else:
+        sinks = prepare_outputs(args)
+    if args.video is not None:
+        check_video(args.video)
 
-    sinks = prepare_outputs(args)           # preflight before the (slow) model load
+    from avatar.reenact import ReenactConfig
+    config = ReenactConfig(mode=args.mode, crop=not args.no_track, smoothing=args.smoothing)
+    if offline:
+        return _offline(args, config, paths)
     capture = WebcamCapture(_device(args.webcam)) if args.webcam is not None else None
     try:                                    # the camera is released on every way out, errors included
         return _live(args, config, sinks, capture, time_source)
@@ -205,14 +215,19 @@ def _live(args, config, sinks, capture, time_source) -> int:
 
 
 def make_reenactor(args, driver, config):
+    """The Reenactor for args' portrait; its frames leave pasted back and marked as the options ask."""
     from avatar.pipeline import encode_portrait, load_models
     from avatar.portrait import asset_path, load_image, prepare_portrait, to_tensor
     from avatar.reenact import Reenactor
+    from avatar.watermark import FinishedAnimator, make_finish
 
     from .cli import speed_from_args
-    portrait = prepare_portrait(load_image(args.portrait or asset_path("portrait.jpg")), crop=not args.no_crop)
+    original = load_image(args.portrait or asset_path("portrait.jpg"))
+    portrait = prepare_portrait(original, crop=not args.no_crop)
     models = load_models(args.checkpoints, device=args.device, speed=speed_from_args(args), stage1_only=True)
-    return Reenactor(models, encode_portrait(models, to_tensor(portrait.image)), driver, config)
+    animator = Reenactor(models, encode_portrait(models, to_tensor(portrait.image)), driver, config)
+    finish = make_finish(original, portrait.box, paste_back=args.paste_back, watermark=args.watermark)
+    return FinishedAnimator(animator, finish) if finish else animator
 
 
 def _offline(args, config, paths) -> int:
@@ -222,14 +237,15 @@ def _offline(args, config, paths) -> int:
 
     from .cli import speed_from_args
     portrait = args.portrait or asset_path("portrait.jpg")
-    for path in paths:                      # every output and the portrait's face, before the model load
-        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise AnitalkerError(f"output folder does not exist: {os.path.dirname(os.path.abspath(path))}")
-    prepare_portrait(load_image(portrait), crop=not args.no_crop)
+    prepare_portrait(load_image(portrait), crop=not args.no_crop)     # its face, before the model load
     models = load_models(args.checkpoints, device=args.device, speed=speed_from_args(args), stage1_only=True)
     print(f"reenacting {portrait} with {args.video} -> {', '.join(paths)} ({args.mode}, {models.device})",
           file=sys.stderr)
-    timings = reenact_file(models, portrait, args.video, paths[0], config=config, crop=not args.no_crop)
+    try:
+        timings = reenact_file(models, portrait, args.video, paths[0], config=config, crop=not args.no_crop,
+                               paste_back=args.paste_back, watermark=args.watermark)
+    except (KeyboardInterrupt, Interrupted) as e:
+        raise Interrupted(getattr(e, "signum", 2), f"nothing was written to {', '.join(paths)}") from None
     for path in paths[1:]:                  # copied under a temporary name, so no half-copied file is left
         tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.part")
         try:

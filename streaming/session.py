@@ -66,7 +66,6 @@ class Session:
         self._ended = False
         self._push_resamplers = {}
         self._fatal = None
-        self._aborted = False
 
     @property
     def lead(self) -> int:
@@ -90,7 +89,10 @@ class Session:
         failed = True
         try:
             await self.clock.run(self._tick)
-            failed = self._fatal is not None or self._aborted
+            failed = self._fatal is not None
+        except BaseException as e:                # a sink failed: recorded first, so outputs are discarded
+            self._fatal = self._fatal or e
+            raise
         finally:
             if reader is not None:
                 reader.cancel()
@@ -108,6 +110,11 @@ class Session:
 
     def line(self) -> str:
         return self.metrics.line(self.clock, self.feed.dropped_samples)
+
+    @property
+    def error(self) -> BaseException | None:
+        """What made the session fail, or None; set before the sinks close (a file sink then discards)."""
+        return self._fatal
 
     def push(self, samples, rate: int = SAMPLE_RATE, *, live: bool = False, stream=None, tag=None) -> None:
         """Queue mono audio at any rate. Call it on the loop's thread (other threads: call_soon_threadsafe).
@@ -190,12 +197,10 @@ class Session:
         finally:
             self.clock.sinks.remove(sink)
 
-    def stop(self, abort: bool = False) -> None:
-        """End the session at the next slot. abort: it was cut short (a signal), so outputs that can be
-        discarded (a file) are discarded rather than finished."""
+    def stop(self) -> None:
+        """End the session at the next slot (what is queued is dropped; outputs are finished)."""
         self._ended, self.feed.source_done, self._out = True, True, collections.deque()
         self.stop_at_end = True
-        self._aborted = self._aborted or abort
 
     async def __aenter__(self):
         self._task = asyncio.create_task(self.run(stop_at_end=False))

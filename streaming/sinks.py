@@ -16,15 +16,14 @@ import math
 import os
 import platform
 import re
-import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from fractions import Fraction
 from typing import Protocol
 
 import numpy as np
 
+from avatar.media import VideoWriter, check_output
 from avatar.timebase import FPS, SAMPLE_RATE, AvFrame
 from models.errors import AnitalkerError
 
@@ -119,58 +118,33 @@ class QueueSink:
 
 
 class FileSink(BlockingSink):
-    """H.264 + AAC mp4, encoded on its own thread as frames arrive, renamed into place at close (never a half
-    file); abort() discards it, so an interrupted session never replaces an existing file."""
+    """A video file (mp4, mov or mkv by the name), encoded on its own thread by avatar.media.VideoWriter as
+    frames arrive and renamed into place at close, never a half file. keep(), asked at close, says whether
+    the recording is wanted: False (the session failed, or an interrupt cut its input short) discards it and
+    leaves an existing file untouched; so do abort() (the session failed) and a failed write."""
     max_queue = 250             # 10 s: an encoder slower than real time for a while loses nothing
 
-    def __init__(self, path):
+    def __init__(self, path, keep=None):
         self.path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(folder):
-            raise AnitalkerError(f"output folder does not exist: {folder}")
-        self._tmp = os.path.join(folder, f".{os.path.basename(self.path)}.{secrets.token_hex(4)}.part")
+        check_output(self.path)              # the name, the folder and its permissions, before models load
+        self.keep = keep or (lambda: True)
+        self.writer = None
         self.frames = 0
 
     def open_sync(self, spec: StreamSpec) -> None:
-        import av
-        self._box = av.open(self._tmp, mode="w", format="mp4")
-        self._video = self._box.add_stream("libx264", rate=Fraction(spec.fps))
-        # yuv420p needs even sizes; odd ones lose their last row/column
-        self._video.width, self._video.height = spec.width // 2 * 2, spec.height // 2 * 2
-        self._video.pix_fmt, self._video.options = "yuv420p", {"crf": "18"}
-        self._audio = self._box.add_stream("aac", rate=spec.sample_rate)
-        self._audio.layout = "mono"
+        self.writer = VideoWriter(self.path, spec.fps, spec.sample_rate)
 
     def write_sync(self, frame: AvFrame) -> None:
-        import av
-        img = np.ascontiguousarray(frame.image[:self._video.height, :self._video.width])
-        vf = av.VideoFrame.from_ndarray(img, format="rgb24")
-        vf.pts, vf.time_base = self.frames, Fraction(1, FPS)
-        self._box.mux(self._video.encode(vf))
-        af = av.AudioFrame.from_ndarray(np.asarray(frame.audio, np.float32)[None], format="flt", layout="mono")
-        af.sample_rate, af.time_base = SAMPLE_RATE, Fraction(1, SAMPLE_RATE)
-        af.pts = self.frames * len(frame.audio)      # sample pts: the AAC priming goes into the edit list
-        self._box.mux(self._audio.encode(af))
+        self.writer.write(frame.image, frame.audio)     # discards the file itself if encoding fails
         self.frames += 1
 
     def close_sync(self) -> None:
-        try:
-            self._box.mux(self._video.encode(None))
-            self._box.mux(self._audio.encode(None))
-            self._box.close()
-            os.replace(self._tmp, self.path)
-        finally:
-            self._discard()
+        if self.writer is not None:
+            self.writer.close() if self.keep() else self.writer.discard()
 
     def abort_sync(self) -> None:
-        try:
-            self._box.close()
-        finally:
-            self._discard()
-
-    def _discard(self) -> None:
-        if os.path.exists(self._tmp):
-            os.remove(self._tmp)
+        if self.writer is not None:
+            self.writer.discard()
 
 
 def vcam_problem() -> str | None:
@@ -351,20 +325,33 @@ class SpeakerSink:
             self._stream.close()
 
 
+# The default install has OpenCV's headless build (no windows); the GUI build replaces it in place.
+PREVIEW_INSTALL = ("bash install.sh preview (or: pip uninstall -y opencv-python-headless && pip install "
+                   "opencv-python of the same version)")
+
+
+def preview_problem() -> str | None:
+    """What stops ``--to preview`` here, as one line with the fix; None when a window can open."""
+    import cv2
+    if re.search(r"GUI:\s*NONE", cv2.getBuildInformation()):
+        return f"this OpenCV has no GUI (the headless build, which the default install uses); for --to preview run {PREVIEW_INSTALL}"
+    if platform.system() == "Linux" and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return "no display for --to preview (DISPLAY is not set)"
+    return None
+
+
 class PreviewSink(BlockingSink):
-    """An OpenCV window on its own thread; needs a GUI build of OpenCV and a display. on_key(char), if set,
-    gets the keys pressed in the window (reenact: "c" calibrates), on the window's thread."""
+    """An OpenCV window on its own thread; needs a GUI build of OpenCV and a display (checked when the sink
+    is made, before any model loads). on_key(char), if set, gets the keys pressed in the window (reenact:
+    "c" calibrates), on the window's thread."""
 
     def __init__(self, title: str = "anitalker", on_key=None):
+        if problem := preview_problem():
+            raise AnitalkerError(problem)
         self.title, self.on_key = title, on_key
 
     def open_sync(self, spec: StreamSpec) -> None:
         import cv2
-        if re.search(r"GUI:\s*NONE", cv2.getBuildInformation()):
-            raise AnitalkerError("this OpenCV has no GUI (opencv-python-headless); pip install opencv-python "
-                                 "for --to preview, or use --to file:out.mp4")
-        if platform.system() == "Linux" and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-            raise AnitalkerError("no display for --to preview (DISPLAY is not set)")
         self._cv2 = cv2
 
     def write_sync(self, frame: AvFrame) -> None:

@@ -13,7 +13,7 @@ import shutil
 
 import numpy as np
 
-from avatar.media import Resampler
+from avatar.media import Resampler, check_finite
 from avatar.timebase import SAMPLE_RATE, AudioChunk
 from models.errors import AnitalkerError
 
@@ -31,6 +31,8 @@ class PcmSource:
         async for pcm, rate in self._it:
             x = np.asarray(pcm)
             x = x.astype(np.float32) / 32768.0 if x.dtype == np.int16 else x.astype(np.float32)
+            if not np.isfinite(x).all():    # a broken producer must not turn the models' output into NaN
+                x = np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
             if rate != SAMPLE_RATE:
                 x = resamplers.setdefault(rate, Resampler(rate))(x)
             elif x.ndim == 2:
@@ -44,7 +46,8 @@ class PcmSource:
 
 
 class FileSource:
-    """Any audio PyAV decodes (first audio track), decoded incrementally."""
+    """Any audio PyAV decodes (first audio track), decoded incrementally. Samples that are not numbers (a
+    damaged float wav) end it with one line naming the file and the time, like the offline commands."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
@@ -60,10 +63,14 @@ class FileSource:
             with av.open(self.path) as box:
                 if not box.streams.audio:
                     raise AnitalkerError(f"{self.path} has no audio track")
+                done = 0                                # samples so far, at the file's rate
                 for frame in box.decode(box.streams.audio[0]):
                     x = frame.to_ndarray()
                     # planar (C, N) or packed (1, N*C) -> (N, C)
                     x = x.T if frame.format.is_planar else x.reshape(-1, len(frame.layout.channels))
+                    if x.dtype.kind == "f":
+                        check_finite(x, self.path, done, frame.sample_rate)
+                    done += len(x)
                     yield x, frame.sample_rate
                     await asyncio.sleep(0)         # a long file must not hold the event loop
         except av.FFmpegError as e:

@@ -1,6 +1,8 @@
 """Checkpoint loading: official layouts, type detection, the project format, safety and error messages."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -77,13 +79,38 @@ def test_wrong_kind_of_file(tmp_path):
         load_stage1(tmp_path / "nope.ckpt")
 
 
-class Payload:  # anything beyond tensors makes weights_only refuse the file
+class Payload:  # a class of ours: anything beyond tensors makes weights_only refuse the file
     pass
+
+
+class SystemCall:
+    """Unpickling this calls os.system (here: touch a marker file). The test only ever hands it to
+    torch.load(weights_only=True), which must refuse it before calling anything."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_as_unsafe(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "stage1.ckpt"
+    torch.save({"enc.x": torch.zeros(1), "payload": SystemCall(marker)}, path)
+    with pytest.raises(CheckpointError) as e:
+        load_stage1(path)
+    msg = str(e.value)
+    assert str(path) in msg and "unsafe" in msg
+    # torch 2.13's own words for a blocked module's function (os.system is posix.system on Linux)
+    module = os.system.__module__
+    assert f"Trying to load unsupported GLOBAL {module}.system whose module {module} is blocked" in msg
+    assert not marker.exists()
 
 
 def test_pickled_objects_are_refused(tmp_path):
     torch.save({"enc.x": torch.zeros(1), "obj": Payload()}, tmp_path / "evil.ckpt")
-    with pytest.raises(CheckpointError, match="refused for safety"):
+    with pytest.raises(CheckpointError, match=r"evil.ckpt is unsafe .*Unsupported global: GLOBAL \S*Payload"):
         read_state_file(tmp_path / "evil.ckpt")
 
 

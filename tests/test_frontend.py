@@ -1,41 +1,34 @@
 """models.frontend: MFCC and HuBERT front ends against the official fixtures, and the HuBERT loader.
 
-Fixtures: ../shared/parity/case_a/audio_frontend.npz (official demo, transformers 4.19.2) and the
-tiny HuBERT manifest in its parent, with the seed from case.json.
+Fixtures: the project's parity case A (tests/parity_fixtures.py): audio_frontend.npz (official demo,
+transformers 4.19.2) and the tiny HuBERT manifest beside it, with the case's seed.
 """
 import argparse
-import importlib.util
-import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import parity_fixtures
 from models.errors import AnitalkerError, CheckpointError
 from models.frontend import (hubert_model_input, load_hubert, mfcc_features, mfcc_model_input,
                              normalize_wave, write_hubert_folder)
 
-PARITY = Path(__file__).resolve().parents[2] / "shared" / "parity"
-CASE = PARITY / "case_a"
+CASE = parity_fixtures.CASE_A
 NEW_G = "encoder.pos_conv_embed.conv.parametrizations.weight.original0"
 
 
 @pytest.fixture(scope="module")
 def fx():
-    return np.load(CASE / "audio_frontend.npz")
+    return parity_fixtures.load(CASE, "audio_frontend.npz")
 
 
 @pytest.fixture(scope="module")
 def tiny():
     """(official-named seed state dict, HubertConfig kwargs) of the parity tiny HuBERT."""
-    spec = importlib.util.spec_from_file_location("parity_weights", PARITY / "weights.py")
-    w = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(w)
-    seed = json.loads((CASE / "case.json").read_text())["seed"]
-    sd = w.make_state_dict(w.load_manifest(PARITY / "manifest_hubert_tiny.json"), seed=seed)
-    return sd, json.loads((PARITY / "hubert_tiny_config.json").read_text())
+    return (parity_fixtures.state_dict(CASE, "manifest_hubert_tiny.json"),
+            parity_fixtures.manifest(CASE, "hubert_tiny_config.json"))
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,16 @@
-"""Numerical parity with the official AniTalker implementation, on the fixtures in ../shared/parity.
+"""Numerical parity with the official AniTalker implementation.
 
-Every case directory in $PARITY_CASES (os.pathsep-separated; default: the case directories under
-../shared/parity) is checked. A case holds case.json ({"seed": N}) and any of stage1.npz, stage2.npz,
-audio_frontend.npz; the manifests and weights.py live in the case directory's parent. Weights are built
-with weights.py from the manifests and go through the same loaders that read the official files.
-A part a case does not hold is skipped for that case; seeds, lengths, step counts and run tags are read
-from the files.
+Every case directory that tests/parity_fixtures.py selects is checked: the project's copy in
+tests/fixtures/parity/ by default, or those in $PARITY_CASES (same layout: manifests beside the cases).
+A case holds case.json ({"seed": N}) and any of stage1.npz, stage2.npz, audio_frontend.npz; each part it
+holds is tested, and the project's own case holds all three. The synthetic weights are built from the
+manifests by the project's implementation of the fixtures' weight rule (proven bit-exact here against the
+published checksums) and go through the same loaders that read the official files. Seeds, lengths, step
+counts and run tags are read from the files.
 """
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -19,54 +19,41 @@ import numpy as np
 import pytest
 import torch
 
+from avatar.portrait import to_tensor, to_uint8
 from models.checkpoints import stage1_from_state_dict, stage2_from_state_dict
 from models.frontend import (hubert_model_input, load_hubert, mfcc_features, mfcc_model_input,
                              normalize_wave, write_hubert_folder)
 from models.sampler import ddim_sample, ddim_schedule
-from avatar.portrait import to_tensor, to_uint8
-
-DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "parity"
-
-
-def case_dirs() -> list[Path]:
-    env = os.environ.get("PARITY_CASES")
-    if env:
-        return [Path(p) for p in env.split(os.pathsep) if p]
-    return sorted(p.parent for p in DEFAULT_ROOT.glob("*/case.json"))
-
+from parity_fixtures import PARTS, ROOT, case_dirs, checksums, load, manifest, state_dict, synthetic_weights
 
 CASES = case_dirs()
 
 
+def with_part(part: str) -> list:
+    return [pytest.param(c, id=c.name) for c in CASES if (c / part).is_file()]
+
+
 def test_there_are_cases():
-    """A missing fixture folder must fail loudly, not turn into zero tests."""
-    assert CASES, f"no parity case directories: set PARITY_CASES or provide {DEFAULT_ROOT}/*/case.json"
+    """A missing fixture folder or file must fail loudly, not turn into fewer tests."""
+    assert CASES, f"no parity case directories: set PARITY_CASES or restore {ROOT}/*/case.json"
     for case in CASES:
         assert (case / "case.json").is_file(), f"{case} has no case.json"
+        assert any((case / p).is_file() for p in PARTS), f"{case} holds none of {', '.join(PARTS)}"
+    if not os.environ.get("PARITY_CASES"):
+        for part in PARTS:
+            assert (ROOT / "case_a" / part).is_file(), f"the project's parity case lost {part}"
 
 
-def seed_of(case: Path) -> int:
-    return int(json.loads((case / "case.json").read_text())["seed"])
-
-
-@functools.lru_cache(maxsize=None)
-def weights_module(root: Path):
-    spec = importlib.util.spec_from_file_location(f"parity_weights_{abs(hash(root))}", root / "weights.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def state_dict(case: Path, manifest: str) -> dict:
-    w = weights_module(case.parent)
-    return w.make_state_dict(w.load_manifest(case.parent / manifest), seed=seed_of(case))
-
-
-def fixture(case: Path, name: str):
-    path = case / name
-    if not path.is_file():
-        pytest.skip(f"{case.name} has no {name}")
-    return np.load(path)
+@pytest.mark.parametrize("name", ["stage1", "stage2_hubert_audio_only", "stage2_hubert_pose_only",
+                                  "stage2_hubert_full_control", "stage2_mfcc_full_control", "hubert_tiny"])
+def test_weight_rule_is_bit_exact(name):
+    """The project's weight generator reproduces the fixtures' weights: per key the float64 sum, the sum
+    of |x| and the first values equal the published checksums exactly."""
+    ref = json.loads((ROOT / "weights_checksums_seed1.json").read_text())[name]
+    ours = checksums(synthetic_weights(json.loads((ROOT / f"manifest_{name}.json").read_text()), seed=1))
+    assert ours.keys() == ref.keys()
+    wrong = [k for k in ref if ours[k] != ref[k]]
+    assert not wrong, f"{len(wrong)} keys differ, first {wrong[0]}: {ours[wrong[0]]} != {ref[wrong[0]]}"
 
 
 def close(ours, ref, tol: float, what: str):
@@ -89,10 +76,10 @@ def stage1_model(case: Path):
     return stage1_from_state_dict(state_dict(case, "manifest_stage1.json"), f"{case.name}/stage1")
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", with_part("stage1.npz"))
 @torch.inference_mode()
 def test_stage1_encoder(case):
-    a = fixture(case, "stage1.npz")
+    a = load(case, "stage1.npz")
     m = stage1_model(case)
     img = to_tensor(a["image_u8"])
     close(img, a["image_in"], 0, "image_in (portrait conversion)")
@@ -107,10 +94,10 @@ def test_stage1_encoder(case):
     close(feats[0], a["feat0_8x8"], 1e-4, "feat0_8x8")
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", with_part("stage1.npz"))
 @torch.inference_mode()
 def test_stage1_render(case):
-    a = fixture(case, "stage1.npz")
+    a = load(case, "stage1.npz")
     m = stage1_model(case)
     wa, alpha0, feats = m.encode(torch.from_numpy(a["image_in"]))
     frames = m.render(wa, torch.from_numpy(a["alphas"]), feats)      # batched
@@ -123,11 +110,11 @@ def test_stage1_render(case):
     u8_close(to_uint8(rec)[0], a["frame_alpha0_u8"], "frame_alpha0_u8")
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", with_part("stage1.npz"))
 @torch.inference_mode()
 def test_stage1_drive(case):
     """The motion code of another image (reenactment), rendered with the portrait's wa and features."""
-    a = fixture(case, "stage1.npz")
+    a = load(case, "stage1.npz")
     m = stage1_model(case)
     wa, _, feats = m.encode(torch.from_numpy(a["image_in"]))
     alpha = m.motion(to_tensor(a["drive_image_u8"]))
@@ -169,30 +156,22 @@ def condition(m, control: bool, x: dict):
     return m.condition(x["wa"], x["alpha0"], x["audio"])
 
 
-def stage2_params(case_list):
-    out = []
-    for case in case_list:
-        path = case / "stage2.npz"
-        tags = stage2_runs(np.load(path)) if path.is_file() else ["(none)"]
-        out += [pytest.param(case, tag, id=f"{case.name}-{tag}") for tag in tags]
-    return out
+STAGE2_PARAMS = [pytest.param(p.values[0], tag, id=f"{p.id}-{tag}") for p in with_part("stage2.npz")
+                 for tag in stage2_runs(load(p.values[0], "stage2.npz"))]
 
 
-STAGE2_PARAMS = stage2_params(CASES)
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", with_part("stage2.npz"))
 def test_stage2_schedule(case):
-    z = fixture(case, "stage2.npz")
+    z = load(case, "stage2.npz")
     s = ddim_schedule(int(z["step_T"]))
     assert s.timesteps.tolist() == z["ddim_timesteps"].tolist()
-    close(s.alphas_cumprod, z["ddim_alphas_cumprod"], 1e-12, "ddim_alphas_cumprod")
+    assert np.array_equal(s.alphas_cumprod.numpy(), z["ddim_alphas_cumprod"]), "ddim_alphas_cumprod not bit-exact"
 
 
 @pytest.mark.parametrize("case,tag", STAGE2_PARAMS)
 @torch.inference_mode()
 def test_stage2_denoiser(case, tag):
-    z = fixture(case, "stage2.npz")
+    z = load(case, "stage2.npz")
     infer_type, control, x = stage2_inputs(z, tag)
     m = stage2_model(case, infer_type)
     x_T = torch.from_numpy(z["x_T"])
@@ -213,7 +192,7 @@ def test_stage2_denoiser(case, tag):
 @pytest.mark.parametrize("case,tag", STAGE2_PARAMS)
 @torch.inference_mode()
 def test_stage2_sampler(case, tag):
-    z = fixture(case, "stage2.npz")
+    z = load(case, "stage2.npz")
     traj_t, x_in, eps_ref = z[f"{tag}__traj_t"], z[f"{tag}__traj_x_in"], z[f"{tag}__traj_eps"]
     schedule = ddim_schedule(int(z["step_T"]))
 
@@ -238,9 +217,9 @@ def test_stage2_sampler(case, tag):
 
 # ------------------------------------------------------------------------------------------------ front ends
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", with_part("audio_frontend.npz"))
 def test_mfcc_frontend(case):
-    z = fixture(case, "audio_frontend.npz")
+    z = load(case, "audio_frontend.npz")
     feats = mfcc_features(z["wave"])
     ref = z["mfcc_features"]
     assert feats.shape == ref.shape
@@ -250,12 +229,12 @@ def test_mfcc_frontend(case):
     close(x, z["mfcc_model_input"], 1e-4, "mfcc_model_input")
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", with_part("audio_frontend.npz"))
 @torch.inference_mode()
 def test_hubert_frontend(case, tmp_path):
-    z = fixture(case, "audio_frontend.npz")
+    z = load(case, "audio_frontend.npz")
     close(normalize_wave(z["wave"]), z["hubert_input_values"][0], 1e-5, "hubert_input_values")
-    config = json.loads((case.parent / "hubert_tiny_config.json").read_text())
+    config = manifest(case, "hubert_tiny_config.json")
     # the official folder layout and naming (pytorch_model.bin with weight_g / weight_v)
     write_hubert_folder(tmp_path / "hubert", state_dict(case, "manifest_hubert_tiny.json"), config)
     hubert = load_hubert(tmp_path / "hubert")

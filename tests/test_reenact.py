@@ -56,10 +56,11 @@ def reconstruction(models, code) -> np.ndarray:
 # ---- parity ----------------------------------------------------------------------------------------
 
 def test_absolute_mode_reproduces_the_parity_fixture():
-    from test_parity import CASES, fixture, stage1_model, u8_close
+    from parity_fixtures import CASE_A, load
+    from test_parity import stage1_model, u8_close
 
-    case = CASES[0]
-    a = fixture(case, "stage1.npz")
+    case = CASE_A
+    a = load(case, "stage1.npz")
     models = Models(stage1_model(case), None, None, torch.device("cpu"))
     code = encode_portrait(models, torch.from_numpy(a["image_in"]))
     r = Reenactor(models, code, TimedFrames([(0.0, a["drive_image_u8"])]),

@@ -12,7 +12,7 @@ from PIL import Image
 from avatar.media import load_audio, read_video_info
 from models.frontend import mfcc_features
 from avatar.portrait import asset_path
-from conftest import ROOT, tone
+from conftest import ROOT, TINY, tone
 from streaming.cli import main
 
 
@@ -184,3 +184,13 @@ def test_render_streaming_writes_the_whole_stream(tiny_checkpoints, tmp_path, ho
     info = read_video_info(out)
     assert info["frames"] == -(-round(3.963 * 16000) // 640) == 100
     assert abs(info["audio_seconds"] - info["frames"] / 25) < 0.03
+
+
+def test_every_stage_shows_progress_the_speech_features_included(tiny_checkpoints, speech, tmp_path, capsys):
+    """The feature stage is one HuBERT forward pass: its bar counts the convolutional front and each layer."""
+    assert run("render", "--checkpoints", tiny_checkpoints, "--audio", speech, "-o", tmp_path / "o.mp4",
+               "--steps", "5") == 0
+    err = capsys.readouterr().err
+    layers = 1 + TINY["hubert"]["num_hidden_layers"]
+    assert "features: 100%" in err and f"{layers}/{layers} [" in err
+    assert "motion: 100%" in err and "render: 100%" in err

@@ -1,15 +1,14 @@
 """DDIM schedule and sampler: golden numbers, fixture trajectory replay, eta > 0, the last step."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import parity_fixtures
 from models.sampler import Schedule, ddim_sample, ddim_schedule
 
-STAGE2 = Path(__file__).resolve().parents[2] / "shared" / "parity" / "case_a" / "stage2.npz"
 
 
 def test_schedule_golden_numbers():
@@ -28,9 +27,8 @@ def test_schedule_golden_numbers():
     assert ddim_schedule(10, T=100).timesteps.tolist() == list(range(0, 100, 10))
 
 
-@pytest.mark.skipif(not STAGE2.is_file(), reason="parity fixtures not present")
 def test_schedule_bit_exact_with_the_fixture():
-    z = np.load(STAGE2)
+    z = parity_fixtures.load(parity_fixtures.CASE_A, "stage2.npz")
     s = ddim_schedule(int(z["step_T"]))
     assert np.array_equal(s.timesteps.numpy(), z["ddim_timesteps"])
     assert np.array_equal(s.alphas_cumprod.numpy(), z["ddim_alphas_cumprod"])
@@ -47,11 +45,10 @@ def _replay(eps_list):
     return lambda x, t: next(it)
 
 
-@pytest.mark.skipif(not STAGE2.is_file(), reason="parity fixtures not present")
 @pytest.mark.parametrize("tag", ["hubert_audio_only", "hubert_full_control__ctrl", "mfcc_full_control"])
 def test_trajectory_replay_matches_the_fixture(tag):
     """The official network outputs, fed to our sampler, give the official x0s and next inputs."""
-    z = np.load(STAGE2)
+    z = parity_fixtures.load(parity_fixtures.CASE_A, "stage2.npz")
     eps = list(torch.from_numpy(z[f"{tag}__traj_eps"]))
     seen = []
     out = ddim_sample(_replay(eps), torch.from_numpy(z["x_T"]), ddim_schedule(int(z["step_T"])),

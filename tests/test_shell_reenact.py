@@ -271,8 +271,11 @@ def test_the_webcam_is_released_when_the_command_fails(media, capsys, monkeypatc
     assert len(stopped) == 1 and not stopped[0]._cap.isOpened()
 
 
-def test_preview_hotkey():
+def test_preview_hotkey(monkeypatch):
+    from streaming import sinks
     from streaming.sinks import PreviewSink
+
+    monkeypatch.setattr(sinks, "preview_problem", lambda: None)     # a window is faked below
 
     class Window:                       # OpenCV's window calls, with "c" pressed
         imshow, destroyWindow = staticmethod(lambda *a: None), staticmethod(lambda *a: None)

@@ -1,21 +1,15 @@
-"""Stage 1 (models/stage1.py): official key layout, batching, the cached LMD basis, memory formats,
-and one full-size parity check against the official fixtures (../shared/parity, case A)."""
+"""Stage 1 (models/stage1.py): official key layout, batching, the cached LMD basis, memory formats.
+Numerical parity with the official code is in test_parity.py."""
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 
+import parity_fixtures
 from models import stage1 as s1
 from models.stage1 import Stage1, Stage1Dims
 
 TINY = Stage1Dims(style_dim=32, channel_divisor=16)
-PARITY = Path(os.environ.get("ANITALKER_PARITY_DIR", Path(__file__).resolve().parents[2] / "shared" / "parity"))
-MANIFEST = PARITY / "manifest_stage1.json"
 KERNEL = torch.outer(torch.tensor([1.0, 3, 3, 1]), torch.tensor([1.0, 3, 3, 1])) / 64
 
 
@@ -49,10 +43,8 @@ def test_key_names_and_shapes_match_the_official_layout():
     assert len(sd) == 204
     assert sum(1 for _ in full.parameters()) == 174 and sum(1 for _ in full.buffers()) == 30
     assert sum(p.numel() for p in full.parameters()) == 46_923_173
-    if MANIFEST.is_file():
-        import json
-        manifest = json.loads(MANIFEST.read_text())
-        assert {k: list(v.shape) for k, v in sd.items()} == {k: e["shape"] for k, e in manifest.items()}
+    manifest = parity_fixtures.manifest(parity_fixtures.CASE_A, "manifest_stage1.json")
+    assert {k: list(v.shape) for k, v in sd.items()} == {k: e["shape"] for k, e in manifest.items()}
     # Tiny dims: the same names; every channel count (64..512) divided by 16.
     small = tiny().state_dict()
     assert small.keys() == sd.keys()
@@ -191,21 +183,3 @@ def test_identity_heads_and_grid_cache():
     g = s1._identity_grid(8, 8, torch.device("cpu"), torch.float32)
     assert g is s1._identity_grid(8, 8, torch.device("cpu"), torch.float32)
     assert g.shape == (1, 8, 8, 2) and g[0, 0, 0].tolist() == [-1, -1] and g[0, 0, -1].tolist() == [1, -1]
-
-
-@pytest.mark.skipif(not (PARITY / "case_a" / "stage1.npz").is_file(), reason="parity fixtures not present")
-@torch.inference_mode()
-def test_full_size_parity_case_a():
-    spec = importlib.util.spec_from_file_location("parity_weights_stage1", PARITY / "weights.py")
-    weights = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(weights)
-    m = Stage1()
-    m.load_state_dict(weights.make_state_dict(weights.load_manifest(MANIFEST), seed=1), strict=True)
-    m.eval()
-    a = np.load(PARITY / "case_a" / "stage1.npz")
-    wa, alpha0, feats = m.encode(torch.from_numpy(a["image_in"]))
-    assert np.abs(wa.numpy() - a["wa"]).max() < 1e-4
-    assert np.abs(alpha0.numpy() - a["alpha0"]).max() < 1e-4
-    assert np.abs(m.basis().numpy() - a["Q"]).max() < 1e-4
-    frame = m.render(wa, torch.from_numpy(a["alphas"][:1]), feats)
-    assert np.abs(frame.numpy() - a["frames"][:1]).max() < 2e-3

@@ -1,20 +1,16 @@
-"""Stage-2 denoiser: official key names, the cached path, per-control semantics, any length, one parity check."""
+"""Stage-2 denoiser: official key names, the cached path, per-control semantics, any length. Numerical parity
+with the official code is in test_parity.py."""
 from __future__ import annotations
 
-import functools
-import json
 import math
 import re
-import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+import parity_fixtures
 from models.stage2 import Condition, RelSelfAttention, Stage2, Stage2Dims, rel_positions
 
-PARITY = Path(__file__).resolve().parents[2] / "shared" / "parity"
 TINY = dict(hubert_dim=64, hubert_layers=3, speech_dim=32, speech_layers=2, proj_dim=8, style_dim=32,
             lstm_hidden=8)
 INFER_TYPES = [(a, c) for a in ("hubert", "mfcc") for c in ("audio_only", "pose_only", "full_control")]
@@ -46,7 +42,7 @@ def official_keys(audio: str, control: str) -> dict:
     """Key -> shape of the official ema_model, from the manifests (two infer types have none: derived)."""
     name = {"mfcc_audio_only": "mfcc_full_control", "mfcc_pose_only": "mfcc_full_control"}.get(
         f"{audio}_{control}", f"{audio}_{control}")
-    man = json.loads((PARITY / f"manifest_stage2_{name}.json").read_text())
+    man = parity_fixtures.manifest(parity_fixtures.CASE_A, f"manifest_stage2_{name}.json")
     keys = {k[len("ema_model."):]: tuple(v["shape"]) for k, v in man.items() if k.startswith("ema_model.")}
     keep = {"audio_only": (), "pose_only": ("pose",), "full_control": ("pose", "location", "face_scale")}[control]
     return {k: s for k, s in keys.items() if not ADAPTER.match(k) or ADAPTER.match(k).group(1) in keep}
@@ -178,26 +174,3 @@ def test_relative_attention_matches_the_definition():
         w = torch.softmax(s / 2.0, dim=-1)                                 # (B, h, T)
         ref[:, i] = torch.einsum("bhj,bjhd->bhd", w, v)
     torch.testing.assert_close(out, att.linear_out(ref.reshape(2, T, 8)), rtol=1e-5, atol=1e-6)
-
-
-@functools.lru_cache(maxsize=1)
-def _parity_model():
-    sys.path.insert(0, str(PARITY))
-    from weights import load_manifest, make_state_dict
-    sd = make_state_dict(load_manifest(str(PARITY / "manifest_stage2_hubert_full_control.json")), seed=1)
-    m = Stage2(Stage2Dims(audio="hubert", control="full_control"))
-    m.load_state_dict({k[len("ema_model."):]: v for k, v in sd.items() if k.startswith("ema_model.")}, strict=True)
-    return m.eval()
-
-
-@pytest.mark.skipif(not (PARITY / "case_a" / "stage2.npz").is_file(), reason="parity fixtures not present")
-@torch.no_grad()
-def test_full_size_parity_hubert_full_control():
-    z = np.load(PARITY / "case_a" / "stage2.npz")
-    t = lambda k: torch.from_numpy(np.asarray(z[k]))
-    audio = torch.from_numpy(z["hubert_audio_f16"].astype(np.float32))
-    eps, loc, scale, pose = _parity_model()(t("wa"), t("alpha0"), audio, t("ctrl_face_location"),
-                                            t("ctrl_face_scale"), t("ctrl_pose"), t("x_T"), torch.tensor([500]),
-                                            control=False)
-    assert (eps - t("hubert_full_control__eps_t500")).abs().max() < 1e-4
-    assert (pose - t("hubert_full_control__pred_pose")).abs().max() < 1e-4
