@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .features import StreamingFeatures
-from .motion import MotionConfig, MotionStream
+from .motion import MotionConfig, MotionStream, sample_windows
 from .pipeline import Controls, Models, PortraitCode, check_controls, control_names
 from .portrait import to_uint8
 from .timebase import FPS, SAMPLES_PER_FRAME, AudioChunk, AvFrame
@@ -40,6 +40,16 @@ class StreamConfig:
     @property
     def latency_frames(self) -> int:
         return self.hop + self.lookahead
+
+
+@dataclass(frozen=True, eq=False)
+class Block:
+    """A hop whose audio features are ready: frames [start, start + hop) (the features hold its lookahead
+    too); last: the end of the utterance. features_s: its share of the feature computation."""
+    start: int
+    feats: torch.Tensor
+    last: bool
+    features_s: float
 
 
 class StreamingAnimator:
@@ -112,29 +122,46 @@ class StreamingAnimator:
         return list(self.flush_iter())
 
     def push_iter(self, chunk: AudioChunk):
-        samples = np.asarray(chunk.samples, dtype=np.float32).reshape(-1)
-        if chunk.due is not None:
-            self._due = (self._origin + self._samples // SAMPLES_PER_FRAME, chunk.due)
-        self._audio = np.concatenate([self._audio, samples])
-        self._samples += len(samples)
-        self._pushes.append((self._samples, time.monotonic()))
+        return self._hops(chunk)
+
+    def flush_iter(self):
+        """End of the utterance: the last partial frame is padded with silence."""
+        return self._hops(None)
+
+    def _hops(self, chunk):
+        for block in self.accept(chunk):
+            t0 = self.now()
+            window = self._timed("motion", self.plan, block)
+            x0 = self._timed("motion", lambda: sample_windows([window])[0])
+            yield from self.frames(block, self.commit(block, window, x0, self.now() - t0))
+
+    def accept(self, chunk: AudioChunk | None) -> list[Block]:
+        """Take a chunk of audio (None: the end of the utterance) -> the hops it completes, in order. The
+        engine's work in three steps (plan, commit, frames) so that a shared engine can sample the hops
+        of several sessions together (avatar/batch.py)."""
         t0 = self.now()
-        blocks = self._timed("features", self._push_features, samples, chunk.idle)
-        yield from self._run(blocks, final=False, features_s=self.now() - t0)
+        if chunk is not None:
+            samples = np.asarray(chunk.samples, dtype=np.float32).reshape(-1)
+            if chunk.due is not None:
+                self._due = (self._origin + self._samples // SAMPLES_PER_FRAME, chunk.due)
+            self._audio = np.concatenate([self._audio, samples])
+            self._samples += len(samples)
+            self._pushes.append((self._samples, time.monotonic()))
+            ready = self._timed("features", self._push_features, samples, chunk.idle)
+        else:
+            self._pushes.append((self._samples, time.monotonic()))
+            ready = self._timed("features", self.features.finish)
+            pad = (-self._samples) % SAMPLES_PER_FRAME
+            self._audio = np.concatenate([self._audio, np.zeros(pad, np.float32)])
+            if not ready:
+                self._new_segment(self.features.frames_done)
+        share = (self.now() - t0) / max(1, len(ready))
+        return [Block(start, feats, chunk is None and i == len(ready) - 1, share)
+                for i, (start, feats) in enumerate(ready)]
 
     def _push_features(self, samples, idle):
         self.features.push(samples, idle=idle)
         return self.features.ready()
-
-    def flush_iter(self):
-        """End of the utterance: the last partial frame is padded with silence."""
-        self._pushes.append((self._samples, time.monotonic()))
-        t0 = self.now()
-        blocks = self._timed("features", self.features.finish)
-        pad = (-self._samples) % SAMPLES_PER_FRAME
-        self._audio = np.concatenate([self._audio, np.zeros(pad, np.float32)])
-        yield from self._run(blocks, final=True, features_s=self.now() - t0)
-        self._new_segment(self.features.frames_done)
 
     def reset(self, last: AvFrame | None = None) -> None:
         """Interrupt: pending audio is dropped; motion continues from ``last`` (the frame the viewer saw
@@ -146,36 +173,34 @@ class StreamingAnimator:
 
     def _timed(self, stage, fn, *args):
         t0 = time.perf_counter()
-        with self.models.autocast():      # bf16 mode runs HuBERT, the denoiser and the renderer in bf16
+        with self.models.autocast(), torch.inference_mode():   # bf16 mode: HuBERT, denoiser, renderer in bf16
             out = fn(*args)
         self.timings[stage] += time.perf_counter() - t0
         return out
 
-    def _run(self, blocks, final: bool, features_s: float):
-        for i, (start, feats) in enumerate(blocks):
-            last = final and i == len(blocks) - 1
-            t0 = self.now()
-            with torch.inference_mode():
-                codes = self._timed("motion", self._motion_step, start, feats, last)
-            self._hop_cost.append(features_s / len(blocks) + self.now() - t0)
-            yield from self._frames(start, codes, last)
-
-    def _motion_step(self, start: int, feats: torch.Tensor, final: bool) -> torch.Tensor:
-        """feats: the block's frames plus its lookahead frames; the context frames' features are kept here."""
+    def plan(self, block: Block):
+        """The block's motion window: its features with the committed context's in front (kept here)."""
         rows = 2 if self.models.stage2.dims.audio == "hubert" else 4
-        axis = 1 if feats.dim() == 3 else 0          # hubert (L, rows, H), mfcc (rows, 39)
+        axis = 1 if block.feats.dim() == 3 else 0          # hubert (L, rows, H), mfcc (rows, 39)
         n_ctx = self.motion.n_ctx
         ctx = self._ctx_feats
+        feats = block.feats
         if n_ctx and ctx is not None:
-            window = torch.cat([ctx.narrow(axis, ctx.shape[axis] - rows * n_ctx, rows * n_ctx), feats], axis)
-        else:
-            window = feats
-        codes = self.motion.step(start, window[None].to(self.models.device), self._window_controls(start),
-                                 final=final)
-        committed = window.narrow(axis, 0, rows * (n_ctx + len(codes)))
+            feats = torch.cat([ctx.narrow(axis, ctx.shape[axis] - rows * n_ctx, rows * n_ctx), feats], axis)
+        return self.motion.plan(block.start, feats[None].to(self.models.device),
+                                self._window_controls(block.start), final=block.last)
+
+    def commit(self, block: Block, window, x0: torch.Tensor, motion_s: float) -> torch.Tensor:
+        """The sampled window's new codes (h, M); its features become the next window's context."""
+        codes = self.motion.commit(window, x0)
+        rows = 2 if self.models.stage2.dims.audio == "hubert" else 4
+        feats = window.audio[0].to("cpu") if window.audio.device.type != "cpu" else window.audio[0]
+        axis = 1 if feats.dim() == 3 else 0
+        committed = feats.narrow(axis, 0, rows * (window.n_ctx + len(codes)))
         keep = rows * self.config.context
         self._ctx_feats = committed.narrow(axis, max(0, committed.shape[axis] - keep),
                                            min(keep, committed.shape[axis]))
+        self._hop_cost.append(block.features_s + motion_s)
         return codes
 
     def _window_controls(self, start: int) -> dict:
@@ -202,11 +227,17 @@ class StreamingAnimator:
         end = self.now() + cost * (drawn_before + 1)
         return end <= due and (limit is None or end <= limit)
 
+    def frames(self, block: Block, codes: torch.Tensor):
+        """The hop's frames in order, drawn or held (image None), each with exactly its 640 samples. The
+        end of the utterance starts a new segment once its last frame is out."""
+        yield from self._frames(block.start, codes, block.last)
+        if block.last:
+            self._new_segment(self.features.frames_done)
+
     def _frames(self, start: int, codes: torch.Tensor, last: bool):
-        """The hop's frames in order, drawn or held (image None), each with exactly its 640 samples."""
         nxt = self._deadline(start + len(codes))
         limit = None if last or nxt is None else nxt - max(self._hop_cost, default=0.0)
-        motion = codes.float().cpu().numpy()
+        motion = codes.float().cpu().numpy()         # one copy per hop, not per frame
         for g in range(0, len(codes), self.batch):
             group = range(start + g, start + min(g + self.batch, len(codes)))
             draw = []
@@ -217,9 +248,8 @@ class StreamingAnimator:
             if draw:
                 t0 = self.now()
                 idx = torch.tensor([p - start for p in draw], device=codes.device)
-                with torch.inference_mode():
-                    imgs = self._timed("render", self.models._render, self.code.wa, codes[idx], self.code.feats)
-                images = dict(zip(draw, to_uint8(imgs.float().cpu())))
+                imgs = self._timed("render", self.models._render, self.code.wa, codes[idx], self.code.feats)
+                images = dict(zip(draw, to_uint8(imgs)))
                 self._render_cost.append((self.now() - t0) / len(draw))
                 self._drawn = True
             self.skipped += len(group) - len(draw)

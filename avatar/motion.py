@@ -161,6 +161,14 @@ class MotionStream:
         Final: h = n - n_ctx, everything after the context is committed.
         controls: {"pose"|"location"|"scale": value or None (predicted)}, for this window only.
         """
+        t0 = time.perf_counter()
+        window = self.plan(start, audio, controls, final)
+        codes = self.commit(window, sample_windows([window], self.on_step)[0])
+        self.timings = dict(total_s=time.perf_counter() - t0, frames=window.n, steps=self.config.steps)
+        return codes
+
+    def plan(self, start: int, audio: Tensor, controls: Optional[dict] = None, final: bool = False) -> Window:
+        """The window at ``start`` (as step() describes), ready to be sampled alone or with others."""
         cfg, n_ctx = self.config, self.n_ctx
         if start != self.next:
             raise ValueError(f"step at frame {start}, but the next uncommitted frame is {self.next}")
@@ -168,16 +176,14 @@ class MotionStream:
         h = n - n_ctx if final else cfg.hop
         if h < 1 or n < n_ctx + h:
             raise ValueError(f"{n} audio frames cannot hold {n_ctx} context + {max(h, 1)} new frames")
-        t0 = time.perf_counter()
         lo = start - n_ctx
-        hint, context = self.tail[:, -n_ctx - 1], self.tail[:, self.tail.shape[1] - n_ctx:]
-        x_T = motion_noise(cfg.seed, lo, lo + n, self.alpha0.shape[-1]).to(self.wa.device)
-        cond = self.stage2.condition(self.wa, hint, audio, **self._controls(controls, n))
-        t1 = time.perf_counter()
-        denoise = lambda x, t: self.stage2.eps(cond, x, t).float()   # noqa: E731  (fp32 sampler under autocast)
-        if "inpaint" in cfg.continuity and n_ctx:
-            denoise = self._inpainting(denoise, context, x_T[:, :n_ctx])
-        x0 = ddim_sample(denoise, x_T, self.schedule, on_step=self.on_step)
+        return Window(self, start, n, n_ctx, h, self.tail[:, -n_ctx - 1], self.tail[:, self.tail.shape[1] - n_ctx:],
+                      motion_noise(cfg.seed, lo, lo + n, self.alpha0.shape[-1]).to(self.wa.device), audio,
+                      self._controls(controls, n))
+
+    def commit(self, window: Window, x0: Tensor) -> Tensor:
+        """Take the sampled window x0 (1, n, M): its new frames become the tail -> codes (h, M)."""
+        cfg, n_ctx, h = self.config, window.n_ctx, window.h
         new = x0[:, n_ctx:n_ctx + h]
         if "crossfade" in cfg.continuity and self.pending is not None:
             k = min(cfg.crossfade, self.pending.shape[1], h)
@@ -185,22 +191,75 @@ class MotionStream:
             new = torch.cat([w[:, None] * self.pending[:, :k] + (1 - w[:, None]) * new[:, :k], new[:, k:]], 1)
         self.pending = x0[:, n_ctx + h:]
         self.tail = torch.cat([self.tail, new], 1)[:, -cfg.context - 1:]
-        self.next = start + h
-        self.timings = dict(condition_s=t1 - t0, sample_s=time.perf_counter() - t1,
-                            total_s=time.perf_counter() - t0, frames=n, steps=cfg.steps)
+        self.next = window.start + h
         return new[0]
 
-    def _inpainting(self, denoise, known: Tensor, noise: Tensor):
-        """Wrap denoise so the network sees the first known.shape[1] frames at their q(x_t | x0 = known)."""
-        steps = {int(t): i for i, t in enumerate(self.schedule.timesteps)}
-        abar = self.schedule.alphas_cumprod.float()
-        k = known.shape[1]
 
-        def wrapped(x: Tensor, t: Tensor) -> Tensor:
-            a = abar[steps[int(t[0])]]
-            x = x.clone()
-            # The sampler keeps updating its own copy of these rows; they are overwritten here before
-            # every call and never committed, so only what the network sees matters.
-            x[:, :k] = a.sqrt() * known + (1 - a).sqrt() * noise
-            return denoise(x, t)
-        return wrapped
+@dataclass(eq=False)
+class Window:
+    """One stream's motion window, planned: frames [start - n_ctx, start - n_ctx + n), the h after the
+    context to commit. hint (1, M) is the code of the frame before the window, context (1, n_ctx, M) the
+    committed codes it continues, x_T (1, n, M) the frames' own initial noise."""
+    stream: MotionStream
+    start: int
+    n: int
+    n_ctx: int
+    h: int
+    hint: Tensor
+    context: Tensor
+    x_T: Tensor
+    audio: Tensor
+    controls: dict
+
+    @property
+    def key(self) -> tuple:
+        """Windows with the same key are sampled as one batch: the same model, steps, shape and controls."""
+        s = self.stream
+        return (id(s.stage2), s.config.steps, s.config.continuity, self.n, self.n_ctx, tuple(self.audio.shape[1:]),
+                tuple(sorted(self.controls)))
+
+
+@torch.inference_mode()
+def sample_windows(windows: list[Window], on_step: Optional[Callable] = None) -> list[Tensor]:
+    """x0 (1, n, M) of each window. Windows that share a key (the same model, steps, shape and controls:
+    several sessions' hops) are stacked and sampled as one batch; alone, a window is computed exactly as
+    MotionStream.step always has."""
+    out: dict[int, Tensor] = {}
+    groups: dict[tuple, list[int]] = {}
+    for i, w in enumerate(windows):
+        groups.setdefault(w.key, []).append(i)
+    for idx in groups.values():
+        ws = [windows[i] for i in idx]
+        first = ws[0].stream
+        cat = (lambda xs: xs[0]) if len(ws) == 1 else (lambda xs: torch.cat(xs))   # noqa: E731
+        cond = first.stage2.condition(cat([w.stream.wa for w in ws]), cat([w.hint for w in ws]),
+                                      cat([w.audio for w in ws]),
+                                      **{k: cat([w.controls[k] for w in ws]) for k in ws[0].controls})
+        x_T = cat([w.x_T for w in ws])
+        denoise = lambda x, t, cond=cond: first.stage2.eps(cond, x, t).float()   # noqa: E731  (fp32 sampler under autocast)
+        n_ctx = ws[0].n_ctx
+        if "inpaint" in first.config.continuity and n_ctx:
+            denoise = _inpainting(denoise, first.schedule, cat([w.context for w in ws]), x_T[:, :n_ctx])
+        x0 = ddim_sample(denoise, x_T, first.schedule, on_step=on_step)
+        for j, i in enumerate(idx):
+            out[i] = x0[j:j + 1]
+    return [out[i] for i in range(len(windows))]
+
+
+def _inpainting(denoise, schedule, known: Tensor, noise: Tensor):
+    """Wrap denoise so the network sees the first known.shape[1] frames at their q(x_t | x0 = known).
+    The sampler calls it once per step, last retained step first, so the step is counted here rather
+    than looked up from t (which would read a device tensor back to the host every step)."""
+    abar = schedule.alphas_cumprod.float().to(known.device)
+    scales = [(abar[i].sqrt(), (1 - abar[i]).sqrt()) for i in reversed(range(len(schedule)))]
+    steps = iter(scales)
+    k = known.shape[1]
+
+    def wrapped(x: Tensor, t: Tensor) -> Tensor:
+        a, b = next(steps)
+        x = x.clone()
+        # The sampler keeps updating its own copy of these rows; they are overwritten here before every
+        # call and never committed, so only what the network sees matters.
+        x[:, :k] = a * known + b * noise
+        return denoise(x, t)
+    return wrapped

@@ -43,13 +43,13 @@ def slow_animator(tiny, clock, render_s: float, motion_s: float) -> StreamingAni
 
     models._render = render
     animator = StreamingAnimator(models, code, StreamConfig(steps=2), now=clock.now)
-    step = animator.motion.step
+    plan = animator.motion.plan
 
     def motion(*args, **kw):
         clock.spend(motion_s)
-        return step(*args, **kw)
+        return plan(*args, **kw)
 
-    animator.motion.step = motion
+    animator.motion.plan = motion
     return animator
 
 
