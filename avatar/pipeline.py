@@ -132,7 +132,8 @@ class Models:
         if self.speed.upsampling == "auto":
             self.upsampling = choose_upsampling(self)      # what the timing chose (may be "mixed")
         else:
-            self.stage1.set_upsampling(self.speed.upsampling)
+            if hasattr(self.stage1, "set_upsampling"):     # stand-in stage-1 models (tests) have none
+                self.stage1.set_upsampling(self.speed.upsampling)
             self.upsampling = self.speed.upsampling
         self._render = self.stage1.render
         if self.speed.compile:
