@@ -167,8 +167,8 @@ class IncrementalHubert:
     What is exact and what is not, against the whole utterance:
     - the convolutional front end and the feature projection are per-row (layer-normalised convolutions
       with a 400-sample receptive field), so every row equals its whole-utterance value;
-    - the positional convolution sees the 64 rows before a row (cached) and those after it up to the
-      block's end, zeros beyond (the whole-utterance path has real rows there);
+    - the positional convolution sees the kernel/2 (64) rows before a row (cached) and those after it up
+      to the block's end, zeros beyond (the whole-utterance path has real rows there);
     - attention sees the last ``context`` committed rows, with the keys and values they had when they
       were committed (computed with their own block's right context), plus the block's own rows.
     One block holding the whole utterance therefore equals ``HubertFrontend.states`` (tests). Only
@@ -261,12 +261,16 @@ class IncrementalHubert:
     def _commit(self, proj, kv, commit: int) -> None:
         if commit == 0:
             return
-        keep = lambda old, new, limit: (new if old is None else torch.cat([old, new], -2))[  # noqa: E731
-            ..., max(0, (0 if old is None else old.shape[-2]) + new.shape[-2] - limit):, :]
-        self._proj = keep(self._proj, proj[:, :commit], self.pos_left)
+        self._proj = _append(self._proj, proj[:, :commit], self.pos_left)
         old = self._kv or [(None, None)] * len(kv)
-        self._kv = [(keep(ok, k[:, :, :commit], self.context), keep(ov, v[:, :, :commit], self.context))
+        self._kv = [(_append(ok, k[:, :, :commit], self.context), _append(ov, v[:, :, :commit], self.context))
                     for (ok, ov), (k, v) in zip(old, kv)]
+
+
+def _append(old: torch.Tensor | None, new: torch.Tensor, limit: int) -> torch.Tensor:
+    """[old | new] along the row axis (-2), keeping the last ``limit`` rows."""
+    x = new if old is None else torch.cat([old, new], -2)
+    return x[..., max(0, x.shape[-2] - limit):, :]
 
 
 def hubert_model_input(states) -> tuple[torch.Tensor, int]:
