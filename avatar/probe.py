@@ -65,6 +65,7 @@ def measure_rate(models: Models, code: PortraitCode, hop: int = 10, lookahead: i
                           MotionConfig(hop=hop, context=context, lookahead=lookahead, steps=steps))
     rng = np.random.default_rng(0)
     times = {"features": [], "motion": [], "render": []}
+    past = None                                      # the last window's features (the next one's context)
     # the first hop warms up (and compiles); the second has its full motion context, as later hops do
     for n in ((hop + lookahead) * SAMPLES_PER_FRAME + 80, hop * SAMPLES_PER_FRAME):
         t0 = time.perf_counter()

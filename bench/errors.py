@@ -21,7 +21,6 @@ import argparse
 import copy
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from avatar.portrait import asset_path, load_image, prepare_portrait, to_tensor,
 from bench.offline import HUBERT_LARGE  # noqa: E402
 from bench.stream import speech  # noqa: E402
 from models.checkpoints import stage1_from_state_dict, stage2_from_state_dict  # noqa: E402
-from models.frontend import HubertFrontend, hubert_model_input, normalize_wave  # noqa: E402
+from models.frontend import HubertFrontend, hubert_model_input  # noqa: E402
 from models.precision import prepare_bf16  # noqa: E402
 from models.sampler import ddim_sample, ddim_schedule  # noqa: E402
 from models.stage1 import Stage1  # noqa: E402

@@ -22,7 +22,6 @@ many times slower than fp32). Writes JSON (bench/results/stages.json) and prints
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -33,7 +32,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
