@@ -34,6 +34,7 @@ class StreamConfig:
     steps: int = 10             # DDIM steps per window
     continuity: str = "inpaint"
     normalize: str = "running"  # HuBERT input normalisation while the utterance is unknown
+    hubert: str = "window"      # "window" | "incremental" (avatar.features: how HuBERT streams)
     seed: int = 0
     render_batch: int = 0       # frames per renderer call; 0: the whole hop on a GPU, 1 on a CPU
 
@@ -69,7 +70,7 @@ class StreamingAnimator:
         self.set_controls(controls)
         self.features = StreamingFeatures(models.hubert, models.stage2.dims.audio, block=config.hop,
                                           context=config.audio_context, lookahead=config.lookahead,
-                                          normalize=config.normalize, lookahead_rows=True)
+                                          normalize=config.normalize, lookahead_rows=True, hubert=config.hubert)
         self.motion = MotionStream(models.stage2, code.wa, code.alpha0, MotionConfig(
             hop=config.hop, context=config.context, lookahead=config.lookahead, steps=config.steps,
             continuity=config.continuity, seed=config.seed))

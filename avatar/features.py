@@ -12,6 +12,11 @@ row repeated to fill the last frame). MFCC rows equal the whole-utterance rows e
 frame (pre-emphasis of the window's first sample and the +-2-row deltas need it); HuBERT attends to the
 whole window, so its rows equal the whole-utterance rows only when the window holds the whole utterance.
 Only the samples decide a block, never the chunk sizes: 1 ms and 1 s chunks give bit-identical blocks.
+With hubert="incremental" HuBERT runs over each block's own rows (hop and lookahead) only, attending to the
+cached keys and values of the last `context` frames' committed rows (models.frontend.IncrementalHubert):
+about 2.5x fewer rows per hop at the default sizes; its rows also differ from the whole-utterance rows
+(bench/features.py --hubert incremental measures by how much), and equal them when the lookahead reaches
+the end of the utterance.
 
 Normalisation (HuBERT only; MFCC is never normalised). The official front end maps the waveform to
 (x - mean) / sqrt(var + 1e-7) with the mean and variance of the *whole utterance*, unknown while streaming:
@@ -47,12 +52,13 @@ import numpy as np
 import torch
 
 from models.errors import AnitalkerError
-from models.frontend import HubertFrontend, mfcc_features, normalize_wave
+from models.frontend import HubertFrontend, IncrementalHubert, mfcc_features, normalize_wave
 
 from .timebase import SAMPLE_RATE, SAMPLES_PER_FRAME, frames_for_samples
 
 ROWS_PER_FRAME = {"hubert": 2, "mfcc": 4}     # 50 Hz HuBERT rows, 100 Hz MFCC rows
 NORMALIZE = ("running", "window", "none")
+HUBERT_MODES = ("window", "incremental")
 # Samples past a frame's end that its last row needs: HuBERT row 2i+1 spans [640 i + 320, 640 i + 720);
 # MFCC row 4i+3 spans [640 i + 480, 640 i + 880) and its deltas reach two rows further (+320).
 TAIL = {"hubert": 80, "mfcc": 560}
@@ -101,7 +107,7 @@ class StreamingFeatures:
 
     def __init__(self, frontend: HubertFrontend | None, audio: str = "hubert", block: int = 10,
                  context: int = 25, lookahead: int = 5, normalize: str = "running",
-                 lookahead_rows: bool = False):
+                 lookahead_rows: bool = False, hubert: str = "window"):
         if audio not in ROWS_PER_FRAME:
             raise AnitalkerError(f"unknown audio features {audio!r}; use hubert or mfcc")
         if normalize not in NORMALIZE:
@@ -111,6 +117,8 @@ class StreamingFeatures:
                                  f"(got {block}, {context}, {lookahead})")
         if audio == "hubert" and frontend is None:
             raise AnitalkerError("hubert features need a HuBERT frontend (load_hubert)")
+        if hubert not in HUBERT_MODES:
+            raise AnitalkerError(f"unknown HuBERT mode {hubert!r}; use {', '.join(HUBERT_MODES)}")
         self.audio, self.block, self.context, self.lookahead = audio, block, context, lookahead
         self.normalize = normalize
         # also return the rows of the lookahead frames, computed in the same window: provisional features
@@ -122,6 +130,11 @@ class StreamingFeatures:
                 self.normalize = "none"
             # the same model without the frontend's own whole-input normalisation: we normalise here
             self._raw = HubertFrontend(frontend.model, do_normalize=False)
+        # "incremental": each block runs HuBERT over its own rows only, attending to the cached keys and
+        # values of the last `context` frames' rows (models.frontend.IncrementalHubert), instead of
+        # re-running [context | block | lookahead]; the window's audio context is then unused.
+        self._inc = IncrementalHubert(frontend.model, 2 * context) if audio == "hubert" and \
+            hubert == "incremental" else None
         self.frames_done = 0          # index of the next frame to emit, counted over all segments
         self._stats = RunningStats(STATS_SECONDS * SAMPLE_RATE)
         self.last_stats = None        # (mean, std) the last HuBERT block was normalised with
@@ -136,6 +149,8 @@ class StreamingFeatures:
         self._next = 0                # segment frame where the next block starts
         self._stat_frames = 0         # segment frames folded into the running statistics
         self._samples = 0
+        if self._inc is not None:
+            self._inc.reset()
 
     @property
     def samples_in(self) -> int:
@@ -194,7 +209,7 @@ class StreamingFeatures:
                 stop = min(end + self.lookahead, total)
                 last = min(stop * SAMPLES_PER_FRAME + tail, total * SAMPLES_PER_FRAME)
             upto = stop if self.lookahead_rows else end
-            out.append((self._origin + start, self._compute(start, upto, stop, last)))
+            out.append((self._origin + start, self._compute(start, upto, stop, last, end)))
             self._next, self.frames_done = end, self._origin + end
             # keep only what later windows can use: the next block's left context onwards
             drop = max(0, end - self.context) - self._audio_frame
@@ -203,10 +218,10 @@ class StreamingFeatures:
             self._audio_frame += drop
         return out
 
-    def _compute(self, start: int, end: int, stop: int, last: int) -> torch.Tensor:
+    def _compute(self, start: int, end: int, stop: int, last: int, commit: int) -> torch.Tensor:
         """Features of frames [start, end) from the samples [640 max(0, start - context), last);
-        end <= stop, the window's end in frames."""
-        first = max(0, start - self.context)
+        end <= stop, the window's end in frames; commit: the block's end (incremental HuBERT keeps its rows)."""
+        first = start if self._inc is not None else max(0, start - self.context)
         x = self._samples_between(first * SAMPLES_PER_FRAME, last)
         rows, lo, hi = ROWS_PER_FRAME[self.audio], start - first, end - first
         if self.audio == "mfcc":
@@ -223,7 +238,10 @@ class StreamingFeatures:
             self._stat_frames = max(self._stat_frames, stop)
             x = self._stats.normalize(x)
             self.last_stats = (self._stats.mean, self._stats.std)
-        states = self._raw.states(x)                         # (L+1, 2W + 1, H), last row repeated
+        if self._inc is not None:
+            states = self._inc.block(x, commit=rows * (commit - start))
+        else:
+            states = self._raw.states(x)                     # (L+1, 2W + 1, H), last row repeated
         # float32 as hubert_model_input gives it (a caller's bf16 autocast changes only the compute)
         return states[:, rows * lo:rows * hi].to(torch.float32, copy=True)
 

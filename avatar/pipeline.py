@@ -8,13 +8,15 @@ codes          -> ``render``           (stage-1 renderer, batched, encoder featu
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from models.checkpoints import load_stage1, load_stage2
+from models.precision import prepare_bf16
 from models.errors import AnitalkerError
 from models.frontend import HubertFrontend, hubert_model_input, load_hubert, mfcc_features, mfcc_model_input
 from models.sampler import ddim_sample, ddim_schedule
@@ -66,17 +68,54 @@ class PortraitCode:
     feats: list                 # 6 skip maps, batch 1
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 convolutions and matmuls natively: a CUDA GPU with bf16, or a CPU on
+    which oneDNN has bf16 kernels (AVX-512 BF16 or AMX). Elsewhere bf16 is emulated, 3-50x slower than fp32
+    (measured on an AVX2-only CPU), so the fastest mode there is fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def cpu_name() -> str:
+    """What the CPU offers torch, for the start-up line: its vector ISA and whether bf16 is native."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{isa}, {'native' if native_bf16(torch.device('cpu')) else 'no native'} bf16"
+
+
 @dataclass(frozen=True)
 class Speed:
     """How the models run. The default is exact fp32 (what the parity tests guard); the rest trade
-    a measured error (README, bench/offline.py) for speed."""
-    precision: str = "fp32"       # "fp32" | "bf16" (autocast)
-    compile: bool = False         # torch.compile the renderer and the motion encoder (a one-off warm-up
-                                  # of tens of seconds each)
+    a measured error (README, bench/offline.py) for speed. ``Speed.fastest()`` picks per machine."""
+    precision: str = "fp32"       # "fp32" | "bf16" (autocast, weights prepared in bf16 once) |
+                                  # "auto" (bf16 where the device computes it natively, else fp32)
+    compile: bool | None = False  # torch.compile the renderer and the motion encoder (a one-off warm-up
+                                  # of tens of seconds each); None: where bf16 is native (it only won there)
+    upsampling: str = "transposed"  # the renderer's upsampling convs: "transposed" (official) | "subpixel"
+                                  # (the same sums as regular convs) | "auto" (each layer timed both ways)
 
     def __post_init__(self):
-        if self.precision not in ("fp32", "bf16"):
-            raise AnitalkerError(f"unknown precision {self.precision!r}; use fp32 or bf16")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise AnitalkerError(f"unknown precision {self.precision!r}; use fp32, bf16 or auto")
+        if self.upsampling not in ("auto",) + Stage1.UPSAMPLING:
+            raise AnitalkerError(f"unknown upsampling {self.upsampling!r}; use transposed, subpixel or auto")
+
+    @classmethod
+    def fastest(cls) -> "Speed":
+        return cls(precision="auto", compile=None, upsampling="auto")
+
+    def resolve(self, device: torch.device) -> "Speed":
+        """The concrete mode on ``device``: precision fp32 or bf16, compile True or False."""
+        native = native_bf16(device)
+        precision = ("bf16" if native else "fp32") if self.precision == "auto" else self.precision
+        compile = (precision == "bf16" and native) if self.compile is None else self.compile
+        return replace(self, precision=precision, compile=compile)
+
 
 
 @dataclass
@@ -89,6 +128,13 @@ class Models:
     speed: Speed = Speed()
 
     def __post_init__(self):
+        self.speed = self.speed.resolve(self.device)
+        if self.speed.upsampling == "auto":
+            self.upsampling = choose_upsampling(self)      # what the timing chose (may be "mixed")
+        else:
+            if hasattr(self.stage1, "set_upsampling"):     # stand-in stage-1 models (tests) have none
+                self.stage1.set_upsampling(self.speed.upsampling)
+            self.upsampling = self.speed.upsampling
         self._render = self.stage1.render
         if self.speed.compile:
             self._render = torch.compile(self.stage1.render, dynamic=False)
@@ -97,6 +143,12 @@ class Models:
     def _motion(self):
         """The stage-1 motion encoder of a driving frame (reenactment), compiled like the renderer."""
         return torch.compile(self.stage1.motion, dynamic=False) if self.speed.compile else self.stage1.motion
+
+    def describe(self) -> str:
+        """The mode in use, for the start-up line."""
+        on = cpu_name() if self.device.type == "cpu" else torch.cuda.get_device_name(self.device)
+        return (f"{self.speed.precision}{' + compile' if self.speed.compile else ''}, {self.upsampling} "
+                f"upsampling on {self.device.type} ({on})")
 
     @property
     def infer_type(self) -> str:
@@ -121,6 +173,38 @@ class Models:
 STAGE1_ONLY = "stage1_only"     # Models.infer_type when no stage-2 model is loaded
 
 
+@torch.inference_mode()
+def choose_upsampling(models: Models, rounds: int = 3) -> str:
+    """Time every upsampling conv of the renderer both ways (official transposed conv, equal sub-pixel
+    conv) at its frame-size input, in the models' precision, and keep the faster per layer: which wins
+    depends on the CPU (on AVX2 fp32 the transposed conv is 2-3x faster, bf16 matrix units favour regular
+    convs). Both compute the same sums, so the choice changes only speed. -> "transposed", "subpixel" or
+    "mixed" (some of each)."""
+    s1 = models.stage1
+    g = torch.Generator().manual_seed(0)
+    style = torch.randn(1, s1.dims.style_dim, generator=g).to(models.device)
+    picks = []
+    for i, layer in enumerate(s1.upsampling_layers()):
+        size = 4 * 2 ** i
+        x = torch.randn(1, layer.weight.shape[2], size, size, generator=g).to(models.device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        best = {}
+        for r in range(rounds + 1):             # round 0 warms up (weight copies, oneDNN primitives)
+            for sub in (False, True):
+                layer.subpixel = sub
+                with models.autocast():
+                    t0 = time.perf_counter()
+                    layer(x, style)
+                    if models.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    dt = time.perf_counter() - t0
+                if r:
+                    best[sub] = min(best.get(sub, dt), dt)
+        layer.subpixel = best[True] < best[False]
+        picks.append(layer.subpixel)
+    return "subpixel" if all(picks) else "mixed" if any(picks) else "transposed"
+
+
 def require_stage2(models: Models) -> None:
     if models.stage2 is None:
         raise AnitalkerError("these models were loaded for reenactment only (stage 1); load them without "
@@ -140,6 +224,10 @@ def load_models(checkpoints: str | Path | None = None, infer_type: str = DEFAULT
         raise AnitalkerError(f"{stage2_path} holds a {stage2.dims.infer_type} model, not {infer_type}; "
                              f"pass --infer-type {stage2.dims.infer_type} or replace the file")
     hubert = load_hubert(hubert_dir, dev) if hubert_dir is not None else None
+    if speed.resolve(dev).precision == "bf16":   # cast the matmul weights once, not per autocast call
+        prepare_bf16(stage2)
+        if hubert is not None:
+            prepare_bf16(hubert.model)
     return Models(load_stage1(stage1_path, dev), stage2, hubert, dev, speed)
 
 

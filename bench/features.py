@@ -3,6 +3,8 @@
     python bench/features.py                      # tiny HuBERT (configs/tiny.yaml), random weights
     python bench/features.py --full --contexts 0,10,25 --lookaheads 0,5
         # HuBERT-large dims (24 layers, 1024 wide), generated random weights: slow on 2 CPU cores
+    python bench/features.py --full --hubert window,incremental --modes running --contexts 25,50,100 --lookaheads 5
+        # today's window recomputation against incremental HuBERT (cached keys/values, own rows only)
 
 Speech comes from espeak-ng (a fixed English text, cut to --seconds, whole frames). The reference is the
 official path, hubert_model_input(frontend.states(wave)): all L+1 states normalised over the whole
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -34,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from avatar.features import StreamingFeatures  # noqa: E402
 from avatar.media import load_audio  # noqa: E402
 from models.frontend import HubertFrontend, hubert_model_input, normalize_wave  # noqa: E402
+from models.precision import prepare_bf16  # noqa: E402
 
 HUBERT_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                     feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True)
@@ -76,9 +80,10 @@ def compare(got: torch.Tensor, ref: torch.Tensor) -> dict:
                 cos_p1=float(cos.quantile(0.01)), rel_l2_per_state=per_state)
 
 
-def run(frontend, wave, ref, mode: str, block: int, context: int, lookahead: int, chunk: int = 1600) -> dict:
+def run(frontend, wave, ref, mode: str, block: int, context: int, lookahead: int, chunk: int = 1600,
+        hubert: str = "window") -> dict:
     sf = StreamingFeatures(frontend, "hubert", block, context, lookahead,
-                           normalize="none" if mode == "oracle" else mode)
+                           normalize="none" if mode == "oracle" else mode, hubert=hubert)
     x = normalize_wave(wave) if mode == "oracle" else wave
     blocks, seconds = [], 0.0
     for i in range(0, len(x) + chunk, chunk):
@@ -90,7 +95,7 @@ def run(frontend, wave, ref, mode: str, block: int, context: int, lookahead: int
             blocks += sf.finish()
         seconds += time.perf_counter() - t0
     got = torch.cat([f for _, f in blocks], dim=1).cpu()
-    return dict(mode=mode, block=block, context=context, lookahead=lookahead, blocks=len(blocks),
+    return dict(mode=mode, hubert=hubert, block=block, context=context, lookahead=lookahead, blocks=len(blocks),
                 ms_per_block=1000 * seconds / len(blocks), **compare(got, ref))
 
 
@@ -102,6 +107,10 @@ def main(argv=None) -> None:
     p.add_argument("--contexts", default="0,5,10,25,50")
     p.add_argument("--lookaheads", default="0,2,5")
     p.add_argument("--modes", default="running,window,oracle")
+    p.add_argument("--hubert", default="window", help="comma list of window (re-run [context | block | "
+                   "lookahead] per block) and incremental (cached keys/values; context = attention context)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: linear/conv weights prepared in bf16 once, run under autocast")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="JSON path (default bench/results/features.json, features_full.json with --full)")
@@ -124,24 +133,31 @@ def main(argv=None) -> None:
     out = Path(args.out or ROOT / "bench" / "results" / ("features_full.json" if args.full else "features.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = result["rows"]
-    for mode in args.modes.split(","):
-        for context in map(int, args.contexts.split(",")):
-            for lookahead in map(int, args.lookaheads.split(",")):
-                r = run(frontend, wave, ref, mode, args.block, context, lookahead)
-                rows.append(r)
-                out.write_text(json.dumps(result, indent=1))      # after every row: full runs are long
-                print(f"{mode:8s} context {context:3d} lookahead {lookahead:2d}: rel_l2 {r['rel_l2']:.4f} "
-                      f"cos {r['cos_mean']:.4f} (p1 {r['cos_p1']:.4f}) {r['ms_per_block']:8.1f} ms/block",
-                      flush=True)
+    bf16 = args.precision == "bf16"
+    if bf16:                        # the reference stays the float32 whole-utterance features
+        prepare_bf16(frontend.model)
+    result["precision"] = args.precision
+    for hubert in args.hubert.split(","):
+        for mode in args.modes.split(","):
+            for context in map(int, args.contexts.split(",")):
+                for lookahead in map(int, args.lookaheads.split(",")):
+                    with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+                        r = run(frontend, wave, ref, mode, args.block, context, lookahead, hubert=hubert)
+                    r["load"] = os.getloadavg()[0]
+                    rows.append(r)
+                    out.write_text(json.dumps(result, indent=1))      # after every row: full runs are long
+                    print(f"{hubert:11s} {mode:8s} context {context:3d} lookahead {lookahead:2d}: rel_l2 "
+                          f"{r['rel_l2']:.4f} cos {r['cos_mean']:.4f} (p1 {r['cos_p1']:.4f}) "
+                          f"{r['ms_per_block']:8.1f} ms/block (load {r['load']:.1f})", flush=True)
 
     print(f"\n{result['model']}, {args.seconds:.0f} s speech, block {args.block} frames, {args.device}, "
           f"{result['threads']} threads; whole utterance: {whole_s:.2f} s "
           f"({result['whole_utterance_ms_per_block']:.1f} ms per {args.block} frames)")
-    print("| mode | context | lookahead | rel L2 | cos mean | cos p1 | ms/block |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| hubert | mode | context | lookahead | rel L2 | cos mean | cos p1 | ms/block | load |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['mode']} | {r['context']} | {r['lookahead']} | {r['rel_l2']:.4f} | {r['cos_mean']:.4f} | "
-              f"{r['cos_p1']:.4f} | {r['ms_per_block']:.1f} |")
+        print(f"| {r['hubert']} | {r['mode']} | {r['context']} | {r['lookahead']} | {r['rel_l2']:.4f} | "
+              f"{r['cos_mean']:.4f} | {r['cos_p1']:.4f} | {r['ms_per_block']:.1f} | {r['load']:.1f} |")
     print(f"wrote {out}")
 
 

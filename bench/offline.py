@@ -1,6 +1,10 @@
 """Offline rendering speed per stage, at full model size with generated (random) weights.
 
-    python bench/offline.py [--seconds 10] [--modes fp32,bf16,fp32+compile,bf16+compile] [--mode-frames 50]
+    python bench/offline.py [--seconds 10] [--modes fp32,bf16,fp32+compile,bf16+compile,fast] [--mode-frames 50]
+
+A mode is precision[+compile][+subpixel], or "fast" (Speed.fastest(): bf16 + compile where bf16 is native,
+else fp32, upsampling timed both ways per layer). bf16 modes run copies of HuBERT and stage 2 whose matmul
+weights are cast once, as load_models prepares them.
 
 The first mode runs the whole pipeline (portrait encode, HuBERT-large, 50-step DDIM, rendering of every
 frame, mp4 encoding) and is the reference. Every other mode re-times HuBERT and the renderer on
@@ -26,6 +30,7 @@ from avatar.media import write_mp4  # noqa: E402
 from avatar.pipeline import Models, Speed, encode_portrait, generate_motion, render  # noqa: E402
 from avatar.portrait import asset_path, load_image, prepare_portrait, to_tensor, to_uint8  # noqa: E402
 from models.frontend import HubertFrontend  # noqa: E402
+from models.precision import prepare_bf16  # noqa: E402
 from models.stage1 import Stage1  # noqa: E402
 from models.stage2 import Stage2, Stage2Dims  # noqa: E402
 
@@ -34,8 +39,21 @@ HUBERT_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=
 
 
 def parse_mode(text: str) -> Speed:
+    if text == "fast":
+        return Speed.fastest()
     parts = text.split("+")
-    return Speed(precision=parts[0], compile="compile" in parts)
+    return Speed(precision=parts[0], compile="compile" in parts,
+                 upsampling="subpixel" if "subpixel" in parts else "transposed")
+
+
+def with_speed(m: Models, speed: Speed) -> Models:
+    """The same weights in another mode; bf16 gets copies of HuBERT and stage 2 with bf16 matmul weights."""
+    hubert, stage2 = m.hubert, m.stage2
+    if speed.resolve(m.device).precision == "bf16":
+        import copy
+        hubert = HubertFrontend(prepare_bf16(copy.deepcopy(hubert.model)), hubert.do_normalize)
+        stage2 = prepare_bf16(copy.deepcopy(stage2))
+    return Models(m.stage1, stage2, hubert, m.device, speed)
 
 
 def build(speed: Speed, seed: int = 0) -> Models:
@@ -75,7 +93,8 @@ def main() -> None:
     image = to_tensor(prepare_portrait(load_image(asset_path("portrait.jpg"))).image)
 
     ref_speed = parse_mode(modes[0])
-    m = build(ref_speed)
+    m = build(Speed())
+    m = with_speed(m, ref_speed)
     rows = []
     with torch.inference_mode():
         code, t_enc = timed(lambda: encode_portrait(m, image))
@@ -86,13 +105,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             _, t_mp4 = timed(lambda: write_mp4(os.path.join(d, "o.mp4"), iter(u8), wave))
     total = t_enc + t_hub + t_mot + t_ren + t_mp4
-    rows.append(dict(mode=modes[0], frames=frames, encode_s=t_enc, hubert_s=t_hub, motion_s=t_mot,
+    rows.append(dict(mode=modes[0], resolved=m.describe(), load=os.getloadavg()[0], frames=frames, encode_s=t_enc, hubert_s=t_hub, motion_s=t_mot,
                      render_s=t_ren, render_ms_per_frame=1000 * t_ren / frames, mp4_s=t_mp4, total_s=total,
                      max_abs_err=0.0, mean_abs_err=0.0, u8_max_levels=0, u8_mean_levels=0.0, u8_over_4_levels=0.0))
     n = min(args.mode_frames, frames)
     for mode in modes[1:]:
         speed = parse_mode(mode)
-        mm = Models(m.stage1, m.stage2, m.hubert, m.device, speed)
+        mm = with_speed(m, speed)
         with torch.inference_mode():
             c = encode_portrait(mm, image)
             _, t_hub2 = timed(lambda: mm.features(wave))
@@ -103,7 +122,7 @@ def main() -> None:
         err = (out.float() - ref_frames[:n]).abs()
         lv = np.abs(to_uint8(out.float()).astype(int) - u8[:n].astype(int))  # what a viewer sees
         per_frame = t / n
-        rows.append(dict(mode=mode, frames=n, hubert_s=t_hub2, motion_s=t_mot2, warmup_s=t_warm, render_ms_per_frame=1000 * per_frame,
+        rows.append(dict(mode=mode, resolved=mm.describe(), frames=n, hubert_s=t_hub2, motion_s=t_mot2, warmup_s=t_warm, render_ms_per_frame=1000 * per_frame,
                          total_s_estimate=t_enc + t_hub2 + t_mot2 + per_frame * frames + t_mp4,
                          max_abs_err=float(err.max()), mean_abs_err=float(err.mean()),
                          u8_max_levels=int(lv.max()), u8_mean_levels=float(lv.mean()),

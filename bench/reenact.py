@@ -151,6 +151,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the motion encoder and the renderer")
+    p.add_argument("--fast", action="store_true", help="the fastest mode on this machine (Speed.fastest(): bf16 + "
+                   "compile where bf16 is native, else fp32; upsampling timed both ways)")
     p.add_argument("--mode", default="absolute", choices=["absolute", "relative"])
     p.add_argument("--loop", default="session", choices=["session", "direct"])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -165,7 +167,9 @@ def main() -> None:
     torch.manual_seed(0)
     dims = Stage1Dims(**yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["stage1"]) if args.tiny \
         else Stage1Dims()
-    models = Models(Stage1(dims).eval().to(dev), None, None, dev, Speed(precision=args.precision, compile=args.compile))
+    speed = Speed.fastest() if args.fast else Speed(precision=args.precision, compile=args.compile)
+    models = Models(Stage1(dims).eval().to(dev), None, None, dev, speed)
+    args.precision, args.compile = models.speed.precision, models.speed.compile
     code = encode_portrait(models, to_tensor(prepare_portrait(load_image(asset_path("portrait.jpg"))).image))
     config = ReenactConfig(mode=args.mode, crop=not args.no_track)
     frames = args.frames or (25 if dev.type == "cuda" else 8)
@@ -177,7 +181,7 @@ def main() -> None:
     Path(args.json).write_text(json.dumps(dict(bench="reenact", device=name, precision=args.precision, compile=args.compile,
                                                mode=args.mode, torch=torch.__version__, compute=comp,
                                                tiny=args.tiny, realtime=runs), indent=2))
-    print(f"reenactment, {'tiny' if args.tiny else 'full-size'} random weights, {name}, {args.precision}{' + compile' * args.compile}, "
+    print(f"reenactment, {'tiny' if args.tiny else 'full-size'} random weights, {name}, {models.describe()}, "
           f"{args.mode}")
     print(f"compute ({comp['frames']} frames, new driving frame each): track {comp['track_ms']:.1f} ms, "
           f"motion {comp['motion_ms']:.1f} ms, render {comp['render_ms']:.1f} ms, total {comp['total_ms']:.1f} ms "

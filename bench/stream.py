@@ -2,7 +2,7 @@
 
     python bench/stream.py [--seconds 20] [--settings 10/5/10/fp32,10/5/10/bf16,5/2/5/bf16] [--device cpu]
 
-A setting is hop/lookahead/steps/precision. Audio (espeak-ng speech when available, else a synthetic
+A setting is hop/lookahead/steps/precision[/hubert] (hubert: window, the default, or incremental). Audio (espeak-ng speech when available, else a synthetic
 voice-like signal) is pushed in 20 ms chunks as a live source would. For each setting: compute per hop and
 per stage (features, motion, render), the real-time factor (compute / audio duration), and the latency from
 an audio sample's arrival to its frame when the audio arrives in real time (a single worker: a push starts
@@ -29,7 +29,7 @@ from avatar.media import load_audio  # noqa: E402
 from avatar.pipeline import Models, Speed, encode_portrait, pick_device  # noqa: E402
 from avatar.portrait import asset_path, load_image, prepare_portrait, to_tensor  # noqa: E402
 from avatar.timebase import SAMPLE_RATE, AudioChunk  # noqa: E402
-from bench.offline import HUBERT_LARGE, speech_like  # noqa: E402
+from bench.offline import HUBERT_LARGE, speech_like, with_speed  # noqa: E402
 from models.frontend import HubertFrontend  # noqa: E402
 from models.stage1 import Stage1  # noqa: E402
 from models.stage2 import Stage2, Stage2Dims  # noqa: E402
@@ -51,11 +51,12 @@ def speech(seconds: float) -> np.ndarray:
 
 def run_setting(parts, image, wave, device, chunk=320) -> dict:
     hop, lookahead, steps, precision = int(parts[0]), int(parts[1]), int(parts[2]), parts[3]
-    models = MODELS.get(device)
-    models = Models(models.stage1, models.stage2, models.hubert, models.device, Speed(precision=precision))
+    hubert = parts[4] if len(parts) > 4 else "window"
+    models = with_speed(MODELS.get(device), Speed(precision=precision))
     with torch.inference_mode():
         code = encode_portrait(models, image)
-    animator = StreamingAnimator(models, code, StreamConfig(hop=hop, lookahead=lookahead, steps=steps))
+    animator = StreamingAnimator(models, code, StreamConfig(hop=hop, lookahead=lookahead, steps=steps,
+                                                            hubert=hubert))
     animator.push(AudioChunk(np.zeros(640 * (hop + lookahead + 2), np.float32)))   # warm-up
     animator.timings = {k: 0.0 for k in animator.timings}
     free_at, lat, hops, compute = 0.0, [], [], 0.0

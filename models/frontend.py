@@ -14,6 +14,7 @@ import pickle
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .errors import AnitalkerError, CheckpointError
 
@@ -150,6 +151,126 @@ class HubertFrontend:
         out = self.model(torch.from_numpy(x)[None].to(self.device), output_hidden_states=True)
         states = torch.stack(list(out.hidden_states[:-1]) + [out.last_hidden_state]).squeeze(1)
         return torch.cat([states, states[:, -1:]], dim=1)   # demo: np.pad(..., 'edge') by one frame
+
+
+class IncrementalHubert:
+    """HuBERT over a stream in blocks, computing every row's transformer states once instead of re-running
+    a window of [context | block | lookahead] rows each block.
+
+    A block is the samples of some new rows: ``block(wave, commit)`` takes samples [320 r, 320 r + N) where
+    r is the first row not yet committed (the caller starts each block on a row boundary) and returns the
+    (L+1, rows + 1, H) states of those rows, the last row repeated as in ``HubertFrontend.states``. Its
+    first ``commit`` rows are committed: their keys and values at every layer (and their projected conv
+    features, for the positional convolution) are cached, and later rows attend to them; the rows after
+    them (a lookahead) are provisional and must come again at the start of the next block.
+
+    What is exact and what is not, against the whole utterance:
+    - the convolutional front end and the feature projection are per-row (layer-normalised convolutions
+      with a 400-sample receptive field), so every row equals its whole-utterance value;
+    - the positional convolution sees the kernel/2 (64) rows before a row (cached) and those after it up
+      to the block's end, zeros beyond (the whole-utterance path has real rows there);
+    - attention sees the last ``context`` committed rows, with the keys and values they had when they
+      were committed (computed with their own block's right context), plus the block's own rows.
+    One block holding the whole utterance therefore equals ``HubertFrontend.states`` (tests). Only
+    stable-layer-norm models with a layer-normalised front end (chinese-hubert-large, hubert-large) have
+    per-row convolutions; others raise.
+
+    Computation runs in the dtype of the model's linear weights (bf16 weights prepared once run in bf16);
+    the residual stream and layer norms stay float32. Pure: no threads, no clock.
+    """
+
+    def __init__(self, model, context: int = 100):
+        cfg = model.config
+        if cfg.feat_extract_norm != "layer" or not cfg.do_stable_layer_norm:
+            raise AnitalkerError("incremental HuBERT needs a stable-layer-norm model with a layer-normalised "
+                                 "front end (as chinese-hubert-large); use the window features instead")
+        if context < 0:
+            raise AnitalkerError(f"incremental HuBERT context must be >= 0 rows, got {context}")
+        self.model, self.context = model.eval(), context
+        self.heads = cfg.num_attention_heads
+        conv = model.encoder.pos_conv_embed.conv
+        self.pos_kernel = conv.kernel_size[0]
+        self.pos_left = self.pos_kernel // 2                 # rows before a row that its position sees
+        with torch.no_grad():                                # weight norm, evaluated once
+            self.pos_weight = conv.weight.detach().to(self.dtype, copy=True)
+        self.pos_bias = None if conv.bias is None else conv.bias.detach().to(self.dtype, copy=True)
+        self.pos_groups = conv.groups
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every committed row (a new segment: no left context)."""
+        self._proj = None       # (1, <= pos_left, H) projected conv features of the last committed rows
+        self._kv = None         # per layer (k, v), each (1, heads, <= context, dh)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.encoder.layers[0].attention.q_proj.weight.dtype
+
+    @torch.inference_mode()
+    def block(self, wave, commit: int) -> torch.Tensor:
+        """(N,) samples of the new rows (already normalised) -> (L+1, T50 + 1, H) float32 states."""
+        m, dt = self.model, self.dtype
+        dev = next(m.parameters()).device
+        x = torch.as_tensor(np.asarray(wave, dtype=np.float32).reshape(-1), device=dev)
+        feats = m.feature_extractor(x[None].to(m.feature_extractor.conv_layers[0].conv.weight.dtype))
+        fp, feats = m.feature_projection, feats.transpose(1, 2).float()
+        if fp.feat_proj_layer_norm:
+            feats = fp.layer_norm(feats)
+        proj = fp.projection(feats.to(fp.projection.weight.dtype)).float()   # (1, n, H)
+        n = proj.shape[1]
+        if not 0 <= commit <= n + 1:       # n + 1: the repeated last row counted too (a stream's end)
+            raise ValueError(f"cannot commit {commit} of {n} rows")
+        h = proj + self._positions(proj)
+        kv, states = [], [h]
+        for i, layer in enumerate(m.encoder.layers):
+            h, k, v = self._layer(layer, h, None if self._kv is None else self._kv[i], dt)
+            kv.append((k, v))
+            states.append(h)
+        states[-1] = m.encoder.layer_norm(states[-1])
+        self._commit(proj, kv, min(commit, n))
+        states = torch.cat(states).float()                              # (L+1, n, H)
+        return torch.cat([states, states[:, -1:]], dim=1)
+
+    def _positions(self, proj: torch.Tensor) -> torch.Tensor:
+        """The positional convolution of the new rows over [cached rows | new rows | zeros]."""
+        n, left = proj.shape[1], self.pos_left
+        past = proj.new_zeros(1, 0, proj.shape[2]) if self._proj is None else self._proj
+        pad_l = left - past.shape[1]
+        seq = torch.cat([past, proj], 1).transpose(1, 2)                # (1, H, P + n)
+        # kernel K, even: output t sees inputs [t - K/2, t + K/2 - 1] (HF pads K/2 and drops the last)
+        seq = F.pad(seq, (pad_l, self.pos_kernel - 1 - left))
+        w = self.pos_weight
+        out = F.conv1d(seq.to(w.dtype), w, self.pos_bias, groups=self.pos_groups)
+        act = self.model.encoder.pos_conv_embed.activation
+        return act(out.float()).transpose(1, 2)[:, -n:]
+
+    def _layer(self, layer, h, cache, dt):
+        """One stable-layer-norm encoder layer over the new rows, attending to the cached ones."""
+        att = layer.attention
+        a = layer.layer_norm(h).to(dt)
+        b, n, d = a.shape
+        split = lambda t: t.view(b, n, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(att.q_proj(a)), split(att.k_proj(a)), split(att.v_proj(a))
+        keys, values = (k, v) if cache is None else (torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2))
+        o = F.scaled_dot_product_attention(q, keys, values)
+        h = h + att.out_proj(o.transpose(1, 2).reshape(b, n, d)).float()
+        ff = layer.feed_forward
+        f = ff.output_dense(ff.intermediate_act_fn(ff.intermediate_dense(layer.final_layer_norm(h).to(dt))))
+        return h + f.float(), k, v
+
+    def _commit(self, proj, kv, commit: int) -> None:
+        if commit == 0:
+            return
+        self._proj = _append(self._proj, proj[:, :commit], self.pos_left)
+        old = self._kv or [(None, None)] * len(kv)
+        self._kv = [(_append(ok, k[:, :, :commit], self.context), _append(ov, v[:, :, :commit], self.context))
+                    for (ok, ov), (k, v) in zip(old, kv)]
+
+
+def _append(old: torch.Tensor | None, new: torch.Tensor, limit: int) -> torch.Tensor:
+    """[old | new] along the row axis (-2), keeping the last ``limit`` rows."""
+    x = new if old is None else torch.cat([old, new], -2)
+    return x[..., max(0, x.shape[-2] - limit):, :]
 
 
 def hubert_model_input(states) -> tuple[torch.Tensor, int]:

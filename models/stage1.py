@@ -69,6 +69,20 @@ def _memo(owner: nn.Module, name: str, src: Tensor, fn):
     return val
 
 
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast runs convolutions and matmuls in on ``device``, None when it is off."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def _weight(owner: nn.Module, name: str, src: Tensor, fn, device: torch.device) -> Tensor:
+    """fn(src) memoised (see _memo); under autocast a copy already in autocast's dtype, so that a bf16
+    frame casts no weight (autocast itself would re-cast every weight on every call)."""
+    dt = _autocast_dtype(device)
+    if dt is None or dt == src.dtype or not src.is_floating_point():
+        return _memo(owner, name, src, fn)
+    return _memo(owner, f"{name}_{dt}", src, lambda p: fn(p).to(dt))
+
+
 def _make_grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """(1, H, W, 2) sampling grid of the identity warp, [..., 0] = x, [..., 1] = y.
     float64 linspace then cast, like the official numpy meshgrid."""
@@ -123,7 +137,8 @@ class EqualConv2d(nn.Module):
         self.scale, self.stride, self.padding = 1 / math.sqrt(cin * k * k), stride, padding
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight * self.scale, self.bias, self.stride, self.padding)
+        w = _weight(self, "_w", self.weight, lambda p: p * self.scale, x.device)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
 
 
 class FusedLeakyReLU(nn.Module):
@@ -198,12 +213,33 @@ def _pointwise(x: Tensor, w: Tensor) -> Tensor:
     return torch.matmul(w, x.reshape(b, c, h * wd)).view(-1, w.shape[1], h, wd)
 
 
+def subpixel_kernel(w: Tensor) -> Tensor:
+    """(O, I, 3, 3) kernel of a stride-2 transposed conv -> (4 O, I, 2, 2) kernel of the equivalent regular
+    conv: conv_transpose2d(x, w^T, stride=2) == pixel_shuffle(conv2d(x, W, padding=1), 2)[..., :2H+1, :2W+1].
+
+    Output row 2c + phi of the transposed conv sums x[c] w[u] over the taps u = phi (mod 2): u = 0 (from
+    x[c]) and u = 2 (from x[c - 1]) for phi = 0, u = 1 (from x[c]) for phi = 1. A 2-tap conv with padding 1
+    reads (x[c - 1], x[c]) at output c, so phase 0 takes taps (w[2], w[0]) and phase 1 (0, w[1]); channel
+    4 o + 2 phi_y + phi_x is what pixel_shuffle puts at (2c + phi_y, 2d + phi_x) of channel o. The same
+    sums with exact zeros added, so equal to the transposed conv up to summation order (tests)."""
+    o, i = w.shape[:2]
+    wp = F.pad(w, (0, 1, 0, 1))                              # index 3 = the zero tap
+    idx = torch.tensor([[2, 0], [3, 1]], device=w.device)   # [phase, tap] -> kernel index
+    k = wp[:, :, idx[:, None, :, None], idx[None, :, None, :]]        # (O, I, phy, phx, ty, tx)
+    return k.permute(0, 2, 3, 1, 4, 5).reshape(4 * o, i, 2, 2)
+
+
 class ModulatedConv2d(nn.Module):
     """Per-sample modulated conv. Official: w' = scale * w * s (per sample), demodulated by
     d = rsqrt(sum w'^2 + 1e-8) per output channel, grouped conv with groups=B. As the style
     scales input channels and d output channels, this equals conv(x * s, scale * w) * d: one
     shared conv for all B frames. With B = 1 and a weight smaller than the input (high
-    resolutions) s and d are folded into the weight instead, which saves two passes over x."""
+    resolutions) s and d are folded into the weight instead, which saves two passes over x.
+
+    Upsampling layers compute the official transposed conv (stride 2) + blur; with ``subpixel`` set
+    (Stage1.set_upsampling) the transposed conv runs as the equivalent regular 2x2 conv to 4 O channels
+    and a pixel shuffle (``subpixel_kernel``): the same sums, a shape that CPUs with bf16 matrix units run
+    faster (bench/upsample.py measures both on the machine at hand)."""
 
     def __init__(self, cin: int, cout: int, k: int, style_dim: int, demodulate: bool = True, upsample: bool = False):
         super().__init__()
@@ -212,15 +248,27 @@ class ModulatedConv2d(nn.Module):
         if upsample:  # transposed conv makes (2H+1)^2, the blur (kernel x4, pad 1) brings it to (2H)^2
             self.blur = Blur(pad=1, gain=4.0)
         self.scale, self.demodulate, self.upsample = 1 / math.sqrt(cin * k * k), demodulate, upsample
+        self.subpixel = False
 
-    def _kernel(self) -> Tensor:
-        """(O, I, k, k), or (I, O, k, k) for conv_transpose2d, channels_last like the activations.
-        In eval a copy is kept (none if Stage1.to(memory_format=channels_last) already made the
-        weight NHWC) instead of letting torch reorder up to 9 MB per conv and frame."""
+    def _kernel(self, device: torch.device) -> Tensor:
+        """(O, I, k, k), or (I, O, k, k) for conv_transpose2d, or (4 O, I, 2, 2) sub-pixel, channels_last
+        like the activations. In eval a copy is kept (in autocast's dtype under autocast; none in fp32 if
+        Stage1.to(memory_format=channels_last) already made the weight NHWC) instead of letting torch
+        reorder up to 9 MB per conv and frame."""
+        cl = torch.channels_last
+        if self.subpixel:
+            return _weight(self, "_ws", self.weight, lambda p: subpixel_kernel(p[0]).contiguous(memory_format=cl), device)
         if self.upsample:
-            return _memo(self, "_w", self.weight,
-                         lambda p: p[0].transpose(0, 1).contiguous(memory_format=torch.channels_last))
-        return _memo(self, "_w", self.weight, lambda p: p[0].contiguous(memory_format=torch.channels_last))
+            return _weight(self, "_w", self.weight, lambda p: p[0].transpose(0, 1).contiguous(memory_format=cl), device)
+        return _weight(self, "_w", self.weight, lambda p: p[0].contiguous(memory_format=cl), device)
+
+    def _up(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+        """The upsampling conv + blur of x with the (possibly modulated) kernel w of _kernel."""
+        if not self.subpixel:
+            return self.blur(F.conv_transpose2d(x, w, stride=2), bias)
+        h, wd = x.shape[-2:]
+        y = F.pixel_shuffle(F.conv2d(x, w, padding=1), 2)[..., :2 * h + 1, :2 * wd + 1]
+        return self.blur(y, bias)
 
     def forward(self, x: Tensor, style: Tensor, bias: Tensor | None = None, gain: float = 1.0) -> Tensor:
         """x (B|1, I, H, W), style (B, S), bias (1, O, 1, 1) -> gain * modconv(x) + bias (B, O, H', W')."""
@@ -230,17 +278,18 @@ class ModulatedConv2d(nn.Module):
             return out if bias is None else out + bias
         d = torch.full_like(s[:, :1], gain)
         if self.demodulate:
-            wsq = _memo(self, "_wsq", self.weight, lambda p: p[0].square().sum((2, 3)).t())    # (I, O)
+            wsq = _memo(self, "_wsq", self.weight, lambda p: p[0].float().square().sum((2, 3)).t())  # (I, O)
             d = torch.rsqrt(s.square() @ wsq.to(s.dtype) + 1e-8) * gain                          # (B, O)
-        w, pad = self._kernel(), self.weight.shape[-1] // 2
+        w, pad = self._kernel(x.device), self.weight.shape[-1] // 2
         if s.shape[0] == 1 and x.shape[0] == 1 and w.numel() < x.numel():
             if self.upsample:
-                w = w * (s.view(-1, 1, 1, 1) * d.view(1, -1, 1, 1))
-                return self.blur(F.conv_transpose2d(x, w, stride=2), bias)
+                sd = (s.view(-1, 1, 1, 1) * d.view(1, -1, 1, 1)) if not self.subpixel else \
+                    (d.view(-1, 1, 1, 1).repeat_interleave(4, 0) * s.view(1, -1, 1, 1))
+                return self._up(x, w * sd, bias)
             w = w * (d.view(-1, 1, 1, 1) * s.view(1, -1, 1, 1))
             return F.conv2d(x, w, None if bias is None else bias.reshape(-1), padding=pad)
         x = x * s[:, :, None, None]
-        out = self.blur(F.conv_transpose2d(x, w, stride=2)) if self.upsample else F.conv2d(x, w, padding=pad)
+        out = self._up(x, w) if self.upsample else F.conv2d(x, w, padding=pad)
         d = d[:, :, None, None]
         return out * d if bias is None else torch.addcmul(bias, out, d)
 
@@ -285,7 +334,8 @@ class ToRGB(nn.Module):
         """x (B, C, H, W) -> (B, 3, H, W). With ``mask`` (B, 1, H, W) the input is x * mask; the
         1x1 conv commutes with a per-pixel scale, so the mask is applied to 3 channels, not C."""
         conv, act = self.conv
-        out = _pointwise(x, (conv.weight[:, :, 0, 0] * conv.scale)[None])
+        w = _weight(conv, "_w1", conv.weight, lambda p: (p[:, :, 0, 0] * conv.scale)[None], x.device)
+        out = _pointwise(x, w)
         out = act(out if mask is None else out * mask) + self.bias
         return out if skip is None else out + self.upsample(skip)
 
@@ -503,6 +553,22 @@ class Stage1(nn.Module):
             self._apply(lambda t: t.contiguous(memory_format=fmt) if t.dim() == 4 else
                         t[0].contiguous(memory_format=fmt)[None] if t.dim() == 5 else t)
         return self
+
+    UPSAMPLING = ("transposed", "subpixel")
+
+    def set_upsampling(self, mode: str, layers=None) -> None:
+        """How the decoder's upsampling convs run: "transposed" (the official transposed conv, default) or
+        "subpixel" (the same sums as a regular conv + pixel shuffle, see subpixel_kernel); ``layers``: the
+        indices of the upsampling layers to set (default all, 0 = the 8x8 one)."""
+        if mode not in self.UPSAMPLING:
+            raise ValueError(f"upsampling must be one of {self.UPSAMPLING}, got {mode!r}")
+        ups = self.upsampling_layers()
+        for i in range(len(ups)) if layers is None else layers:
+            ups[i].subpixel = mode == "subpixel"
+
+    def upsampling_layers(self) -> list[ModulatedConv2d]:
+        """The decoder's upsampling modulated convs, coarse to fine."""
+        return [c.conv for c in self.dec.convs if c.conv.upsample]
 
     def encode(self, img: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
         """One encoder pass. img (B, 3, H, W) in [-1, 1] -> wa (B, S), alpha0 (B, M),

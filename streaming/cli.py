@@ -93,11 +93,18 @@ def add_model_args(p: argparse.ArgumentParser, audio: bool = True) -> None:
         g.add_argument("--location", metavar="X", help="horizontal face position 0..1 (full_control models)")
         g.add_argument("--scale", metavar="S", help="face size 0..1 (full_control models)")
     g.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
                    help="fp32 (default) computes what the official code computes; bf16 is about 1.3-2x faster "
-                   "and differs by a few grey levels (README)")
+                   "on CPUs with native bf16 (AVX-512 BF16, AMX) and GPUs and differs by a few grey levels "
+                   "(README), but much slower where bf16 is emulated; auto: bf16 where native, else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the renderer (and for reenact the motion "
                    "encoder): faster per frame after a one-off warm-up of tens of seconds")
+    g.add_argument("--upsampling", default="transposed", choices=["transposed", "subpixel", "auto"],
+                   help="the renderer's upsampling convs as the official transposed convs (default) or as the "
+                   "equal regular convs (subpixel); auto times both at start and keeps the faster per layer")
+    g.add_argument("--fast", action="store_true", help="the fastest mode on this machine: --precision auto, "
+                   "--compile where bf16 is native, --upsampling auto (and --hubert incremental when streaming); "
+                   "its error against fp32 is in the README")
     g.add_argument("--no-crop", action="store_true", help="use the whole portrait, squashed to 256x256, "
                    "instead of detecting and cropping the face")
     add_picture_args(p)
@@ -123,7 +130,9 @@ def check_steps(steps: int) -> None:
 
 def speed_from_args(args):
     from avatar.pipeline import Speed
-    return Speed(precision=args.precision, compile=args.compile)
+    if getattr(args, "fast", False):
+        return Speed.fastest()
+    return Speed(precision=args.precision, compile=args.compile, upsampling=args.upsampling)
 
 
 def cmd_render(args) -> int:
@@ -203,6 +212,10 @@ def add_stream_args(p: argparse.ArgumentParser) -> None:
                    "continues from (default %(default)s)")
     g.add_argument("--continuity", default=EngineDefault("continuity"), choices=_Continuity(), help="how windows "
                    "join (default %(default)s)")
+    g.add_argument("--hubert", default=None, choices=["window", "incremental"], help="window: HuBERT re-runs "
+                   "over [context | hop | lookahead] every hop; incremental: over the new rows only, attending to "
+                   "cached rows (about 2.5x less compute, a similar error against whole-utterance features; "
+                   "default window, incremental with --fast)")
 
 
 def make_animator(args, models, portrait=None):
@@ -214,24 +227,31 @@ def make_animator(args, models, portrait=None):
     if portrait is None:
         portrait = prepare_portrait(load_image(args.portrait or asset_path("portrait.jpg")), crop=not args.no_crop)
     code = encode_portrait(models, to_tensor(portrait.image))
+    hubert = args.hubert or ("incremental" if getattr(args, "fast", False) else "window")
     config = StreamConfig(hop=stream_option(args, "hop"), lookahead=stream_option(args, "lookahead"),
                           context=stream_option(args, "context"), steps=args.steps,
-                          continuity=stream_option(args, "continuity"), seed=args.seed)
+                          continuity=stream_option(args, "continuity"), seed=args.seed, hubert=hubert)
     return StreamingAnimator(models, code, config, controls_from_args(args))
 
 
 def make_live_animator(args):
-    """The streaming engine for ``live``; its frames leave pasted back and marked as the options ask."""
+    """The streaming engine for ``live``, after saying what it reaches on this machine (a one-hop
+    measurement); its frames leave pasted back and marked as the options ask."""
     from avatar.pipeline import load_models
     from avatar.portrait import asset_path, load_image, prepare_portrait
+    from avatar.probe import measure_rate
     from avatar.watermark import FinishedAnimator, make_finish
 
     check_steps(args.steps)
     controls_from_args(args)                 # bad controls say so before the models load
     original = load_image(args.portrait or asset_path("portrait.jpg"))
     portrait = prepare_portrait(original, crop=not args.no_crop)
-    animator = make_animator(args, load_models(args.checkpoints, args.infer_type, args.device,
-                                               speed_from_args(args)), portrait)
+    models = load_models(args.checkpoints, args.infer_type, args.device, speed_from_args(args))
+    animator = make_animator(args, models, portrait)
+    c = animator.config
+    rate = measure_rate(models, animator.code, hop=c.hop, lookahead=c.lookahead, context=c.context,
+                        audio_context=c.audio_context, steps=c.steps, hubert=c.hubert)
+    print(f"speed: {models.describe()}; {rate.line()}", file=sys.stderr)
     finish = make_finish(original, portrait.box, paste_back=args.paste_back, watermark=args.watermark)
     return FinishedAnimator(animator, finish) if finish else animator
 

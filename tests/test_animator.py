@@ -138,6 +138,44 @@ def test_controls_change_between_hops(engine):
     assert not all(same[10:])                 # the new pose takes effect from a following hop
 
 
+def test_fast_live_mode_streams_incremental_hubert(tiny_checkpoints, tmp_path, capsys):
+    """--fast: the fastest mode on this machine (fp32 without native bf16), incremental HuBERT."""
+    from avatar.media import read_video_info
+    from streaming.cli import build_parser, make_live_animator
+    from streaming.clock import FakeTime
+    from streaming.live import cmd_live
+    from test_render import write_wav
+
+    wav, out = write_wav(tmp_path / "a.wav", tone(1.0)), tmp_path / "live.mp4"
+    args = build_parser().parse_args(["live", "--checkpoints", str(tiny_checkpoints), "--audio", str(wav),
+                                      "--to", f"file:{out}", "--metrics-every", "0", "--steps", "5", "--fast"])
+    animator = make_live_animator(args)
+    assert animator.config.hubert == "incremental" and animator.features._inc is not None
+    assert cmd_live(args, lambda a: animator, time_source=FakeTime()) == 0
+    assert "speed: " in capsys.readouterr().err
+    assert read_video_info(out)["frames"] >= 25
+
+
+def test_engine_rate_arithmetic():
+    from avatar.probe import EngineRate
+
+    fast = EngineRate(hop=10, features_s=0.05, motion_s=0.05, render_s=0.02)
+    assert fast.fps == 25 and abs(fast.rtf - 0.75) < 1e-9 and "real time" in fast.line()
+    slow = EngineRate(hop=10, features_s=0.1, motion_s=0.1, render_s=0.1)    # 0.2 s left for 2 renders
+    assert abs(slow.fps - 5.0) < 1e-9 and abs(slow.rtf - 3.0) < 1e-9 and "5.0 of 25" in slow.line()
+    stuck = EngineRate(hop=10, features_s=0.3, motion_s=0.2, render_s=0.01)
+    assert stuck.fps == 0 and "cannot keep up" in stuck.line()
+
+
+def test_measure_rate_times_every_stage(engine):
+    from avatar.probe import measure_rate
+
+    models, code = engine
+    for hubert in ("window", "incremental"):
+        r = measure_rate(models, code, hop=4, lookahead=2, context=4, steps=2, hubert=hubert)
+        assert r.hop == 4 and min(r.features_s, r.motion_s, r.render_s) > 0
+
+
 def test_latency_is_stated(engine):
     animator = StreamingAnimator(*engine, StreamConfig(hop=8, lookahead=4))
     assert animator.latency_frames == 13 and abs(animator.latency_s - 0.52) < 1e-9
@@ -157,5 +195,7 @@ def test_live_command_with_the_real_engine(tiny_checkpoints, tmp_path, capsys):
     assert cmd_live(args, make_live_animator, time_source=FakeTime()) == 0
     err = capsys.readouterr().err
     assert "configured latency" in err and "metrics:" in err
+    # the start says the mode and the frame rate this machine reaches with it
+    assert "speed: fp32, transposed upsampling on cpu" in err and "ms/frame" in err
     info = read_video_info(out)
     assert info["frames"] >= 25 and (info["width"], info["height"]) == (256, 256)

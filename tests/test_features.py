@@ -46,13 +46,14 @@ def joined(blocks: list) -> torch.Tensor:
     return torch.cat([f for _, f in blocks], dim=dim)
 
 
-@pytest.mark.parametrize("audio,normalize", [("hubert", "running"), ("hubert", "window"), ("mfcc", "none")])
-def test_chunking_does_not_change_blocks(frontend, audio, normalize):
+@pytest.mark.parametrize("audio,normalize,hubert", [("hubert", "running", "window"), ("hubert", "window", "window"),
+                                                    ("hubert", "running", "incremental"), ("mfcc", "none", "window")])
+def test_chunking_does_not_change_blocks(frontend, audio, normalize, hubert):
     wave = speech(13 * 640 + 123)
-    runs = [stream(StreamingFeatures(frontend, audio, block=4, context=3, lookahead=2, normalize=normalize),
-                   wave, chunk) for chunk in (16, 1000, 16000)]
+    runs = [stream(StreamingFeatures(frontend, audio, block=4, context=3, lookahead=2, normalize=normalize,
+                                     hubert=hubert), wave, chunk) for chunk in (16, 1000, 16000)]
     rng = np.random.default_rng(1)
-    sf, cuts, out = StreamingFeatures(frontend, audio, 4, 3, 2, normalize), [0], []
+    sf, cuts, out = StreamingFeatures(frontend, audio, 4, 3, 2, normalize, hubert=hubert), [0], []
     while cuts[-1] < len(wave):
         cuts.append(cuts[-1] + int(rng.integers(1, 2000)))
         sf.push(wave[cuts[-2]:cuts[-1]])
@@ -93,6 +94,35 @@ def test_full_context_equals_whole_utterance(frontend):
     # running statistics end at the stream end for every block here: float64 vs float32 statistics
     got = joined(stream(StreamingFeatures(frontend, normalize="running", **big), wave, 999))
     torch.testing.assert_close(got, ref[0], rtol=1e-4, atol=1e-4)
+
+
+def test_incremental_equals_whole_utterance_when_lookahead_reaches_the_end(frontend):
+    """Each block then commits rows computed with the whole utterance in view, and later blocks attend to
+    exactly those keys and values: the cache must hold every committed row of every layer, in order."""
+    wave = speech(40 * 640)
+    ref = hubert_model_input(frontend.states(wave))[0][0]
+    got = joined(stream(StreamingFeatures(frontend, block=7, context=100, lookahead=100, normalize="none",
+                                          hubert="incremental"), normalize_wave(wave), 999))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # with a bounded attention context and lookahead the rows differ, but stay close
+    short = joined(stream(StreamingFeatures(frontend, block=5, context=5, lookahead=3, normalize="none",
+                                            hubert="incremental"), normalize_wave(wave), 640))
+    assert short.shape == ref.shape and not torch.allclose(short, ref, atol=1e-3)
+    assert torch.nn.functional.cosine_similarity(short, ref, dim=-1).mean() > 0.9
+
+
+def test_incremental_reset_starts_without_context(frontend):
+    sf = StreamingFeatures(frontend, block=4, context=3, lookahead=2, hubert="incremental")
+    stream(sf, speech(9 * 640 + 100), 640)                           # finish() starts a new segment
+    new = speech(9 * 640, seed=3)
+    sf.push(speech(5 * 640, seed=4))
+    sf.ready()
+    sf.reset()
+    sf._stats = RunningStats()                                       # compare the caches, not the statistics
+    fresh = stream(StreamingFeatures(frontend, block=4, context=3, lookahead=2, hubert="incremental"), new, 640)
+    after = stream(sf, new, 640)
+    assert len(after) == len(fresh) == 3
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(after, fresh))
 
 
 def test_frontend_without_normalisation_streams_raw(frontend):
@@ -186,6 +216,8 @@ def test_bad_arguments_are_user_errors(frontend):
         StreamingFeatures(None, "hubert")
     with pytest.raises(AnitalkerError, match="block"):
         StreamingFeatures(frontend, block=0)
+    with pytest.raises(AnitalkerError, match="HuBERT mode"):
+        StreamingFeatures(frontend, hubert="cached")
 
 
 def block_stats(sf: StreamingFeatures, wave: np.ndarray, chunk: int = 640, idle: bool = False) -> list:

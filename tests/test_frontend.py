@@ -12,8 +12,8 @@ import torch
 
 import parity_fixtures
 from models.errors import AnitalkerError, CheckpointError
-from models.frontend import (hubert_model_input, load_hubert, mfcc_features, mfcc_model_input,
-                             normalize_wave, write_hubert_folder)
+from models.frontend import (IncrementalHubert, hubert_model_input, load_hubert, mfcc_features,
+                             mfcc_model_input, normalize_wave, write_hubert_folder)
 
 CASE = parity_fixtures.CASE_A
 NEW_G = "encoder.pos_conv_embed.conv.parametrizations.weight.original0"
@@ -92,6 +92,61 @@ def test_hubert_tiny_matches_official(hubert, fx):
     assert frames == int(fx["hubert_tiny_frames"]) == 25
     assert_close(x, fx["hubert_tiny_model_input"], 1e-4)
     assert torch.equal(states[:, -1], states[:, -2])           # the edge-copied frame
+
+
+def test_incremental_hubert_one_block_matches_official(hubert, fx):
+    """One block holding the whole utterance is the official computation (parity weights)."""
+    inc = IncrementalHubert(hubert.model)
+    states = inc.block(normalize_wave(fx["wave"]), commit=0)
+    assert_close(states, fx["hubert_tiny_states"], 1e-4)
+    assert torch.equal(states[:, -1], states[:, -2])
+
+
+def test_incremental_hubert_later_blocks_attend_to_the_committed_rows(hubert, fx):
+    """Block 1 = the whole wave, k rows committed; block 2 = the rows from k on: they equal the whole-utterance
+    rows (their keys/values and the positional convolution's past come from the cache). Cutting the cache
+    to fewer rows than were committed changes them."""
+    x = normalize_wave(fx["wave"])
+    ref = IncrementalHubert(hubert.model).block(x, 0)
+    for k in (1, 20, 48):
+        inc = IncrementalHubert(hubert.model, context=100)
+        inc.block(x, commit=k)
+        got = inc.block(x[320 * k:], commit=0)
+        assert got.shape[1] == ref.shape[1] - k
+        assert_close(got, ref[:, k:], 2e-5)
+    inc = IncrementalHubert(hubert.model, context=5)
+    inc.block(x, commit=30)
+    got = inc.block(x[320 * 30:], commit=0)
+    assert np.abs(got.numpy() - ref[:, 30:].numpy()).max() > 1e-3
+    inc.reset()                                          # no cache: the rows as a fresh utterance
+    assert torch.equal(inc.block(x[320 * 30:], 0), IncrementalHubert(hubert.model).block(x[320 * 30:], 0))
+    with pytest.raises(ValueError, match="commit"):
+        inc.block(x[:3200], commit=11)      # 3200 samples: 9 rows (+ the repeated one)
+
+
+def test_incremental_hubert_bf16_weights_stay_close(hubert, fx):
+    """Linear and conv weights prepared in bf16 once (the fastest mode on CPUs with bf16): the block runs in
+    bf16 without casting weights, residual stream and layer norms in float32."""
+    import copy
+    from models.precision import prepare_bf16
+
+    model = copy.deepcopy(hubert.model)
+    prepare_bf16(model)
+    assert model.encoder.layers[0].attention.q_proj.weight.dtype == torch.bfloat16
+    x = normalize_wave(fx["wave"])
+    ref = IncrementalHubert(hubert.model).block(x, 0)
+    got = IncrementalHubert(model).block(x, 0)
+    assert got.dtype == torch.float32
+    rel = float((got - ref).norm() / ref.norm())
+    assert 0 < rel < 0.05, rel
+
+
+def test_incremental_hubert_needs_per_row_convolutions(tiny):
+    from transformers import HubertConfig, HubertModel
+
+    cfg = dict(tiny[1], feat_extract_norm="group", do_stable_layer_norm=False)
+    with pytest.raises(AnitalkerError, match="incremental"):
+        IncrementalHubert(HubertModel(HubertConfig(**cfg)))
 
 
 def test_hubert_model_input_cuts_to_even_frames():

@@ -147,7 +147,8 @@ def test_console_script_without_weights(tmp_path):
 
 
 def test_speed_modes_stay_close_to_fp32(tiny_checkpoints, speech, tmp_path):
-    """bf16 and torch.compile are opt-in speed modes: same frame count, pictures close to exact fp32."""
+    """bf16, torch.compile, --fast and the sub-pixel upsampling are opt-in speed modes: same frame count,
+    pictures close to exact fp32."""
     def frames(name, *extra):
         out = tmp_path / name
         assert run("render", "--checkpoints", tiny_checkpoints, "--audio", speech, "-o", out, "--steps", "2",
@@ -155,7 +156,7 @@ def test_speed_modes_stay_close_to_fp32(tiny_checkpoints, speech, tmp_path):
         with av.open(str(out)) as f:
             return np.stack([fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]).astype(int)
     ref = frames("fp32.mp4")
-    for mode in (["--precision", "bf16"], ["--compile"]):
+    for mode in (["--precision", "bf16"], ["--compile"], ["--fast"], ["--upsampling", "subpixel"]):
         got = frames("mode.mp4", *mode)
         assert got.shape == ref.shape
         # tiny random models magnify rounding (grid_sample), so the bound is loose; a broken mode

@@ -183,3 +183,64 @@ def test_identity_heads_and_grid_cache():
     g = s1._identity_grid(8, 8, torch.device("cpu"), torch.float32)
     assert g is s1._identity_grid(8, 8, torch.device("cpu"), torch.float32)
     assert g.shape == (1, 8, 8, 2) and g[0, 0, 0].tolist() == [-1, -1] and g[0, 0, -1].tolist() == [1, -1]
+
+
+# ---------------------------------------------------------------- sub-pixel upsampling (exact rewrite)
+
+# (in channels, out channels, input size) of the six upsampling convs at full size, 8x8 to 256x256
+FULL_UPSAMPLING = [(512, 512, 4), (512, 512, 8), (512, 512, 16), (512, 256, 32), (256, 128, 64), (128, 64, 128)]
+
+
+@pytest.mark.parametrize("cin,cout,size", [(32, 32, 4), (16, 8, 7)] + FULL_UPSAMPLING)
+@torch.inference_mode()
+def test_subpixel_kernel_is_the_transposed_conv(cin, cout, size):
+    """In float64 the regular conv + pixel shuffle equals the transposed conv to rounding (1e-12): the
+    taps are mapped right. Full channel counts at a smaller size (the mapping does not depend on it)."""
+    g = torch.Generator().manual_seed(cin + size)
+    size = min(size, 16)
+    x = torch.randn(2, cin, size, size + 1, generator=g, dtype=torch.float64)
+    w = torch.randn(cout, cin, 3, 3, generator=g, dtype=torch.float64)
+    ref = torch.nn.functional.conv_transpose2d(x, w.transpose(0, 1), stride=2)
+    y = torch.nn.functional.conv2d(x, s1.subpixel_kernel(w), padding=1)
+    got = torch.nn.functional.pixel_shuffle(y, 2)[..., :2 * size + 1, :2 * size + 3]
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max() < 1e-12 * ref.abs().max()
+
+
+@torch.inference_mode()
+def test_subpixel_upsampling_renders_the_same_frames():
+    m = tiny()
+    wa, alpha0, feats = m.encode(portrait())
+    alphas = torch.stack([alpha0[0], -alpha0[0], 0.5 * alpha0[0]])
+    ref_one, ref_batch = m.render(wa, alpha0, feats), m.render(wa, alphas, feats)
+    m.set_upsampling("subpixel")
+    assert all(c.subpixel for c in m.upsampling_layers()) and len(m.upsampling_layers()) == 6
+    # batch 1 folds style and demodulation into the kernel, batch 3 applies them to the activations
+    torch.testing.assert_close(m.render(wa, alpha0, feats), ref_one, rtol=0, atol=1e-4)
+    torch.testing.assert_close(m.render(wa, alphas, feats), ref_batch, rtol=0, atol=1e-4)
+    m.set_upsampling("transposed", layers=[0, 5])
+    assert [c.subpixel for c in m.upsampling_layers()] == [False, True, True, True, True, False]
+    torch.testing.assert_close(m.render(wa, alpha0, feats), ref_one, rtol=0, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # bf16 runs the same shapes
+        out = m.render(wa, alpha0, feats)
+    assert (out.float() - ref_one).abs().mean() < 0.02 * ref_one.abs().mean()
+    with pytest.raises(ValueError, match="upsampling"):
+        m.set_upsampling("nearest")
+
+
+@torch.inference_mode()
+def test_subpixel_upsampling_keeps_full_size_parity():
+    """The official frames of parity case A, rendered with every upsampling conv as a sub-pixel conv,
+    within the parity test's tolerance, and equal to the transposed-conv frame to float32 rounding."""
+    from parity_fixtures import CASE_A, load, state_dict
+    m = Stage1()
+    m.load_state_dict(state_dict(CASE_A, "manifest_stage1.json"), strict=True)
+    m.eval()
+    a = load(CASE_A, "stage1.npz")
+    wa, _, feats = m.encode(torch.from_numpy(a["image_in"]))
+    alpha = torch.from_numpy(a["alphas"][:1])
+    ref = m.render(wa, alpha, feats)
+    m.set_upsampling("subpixel")
+    frame = m.render(wa, alpha, feats)
+    assert (frame.numpy() - a["frames"][:1]).__abs__().max() < 2e-3
+    assert (frame - ref).abs().max() < 1e-3
