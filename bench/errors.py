@@ -1,6 +1,6 @@
 """Error of every faster mode against exact fp32, on the parity fixtures' weights and on random full-size weights.
 
-    python bench/errors.py [--parity ../shared/parity] [--seconds 10] [--frames 8] [--skip-full-hubert]
+    python bench/errors.py [--parity tests/fixtures/parity] [--seconds 10] [--frames 8] [--skip-full-hubert]
 
 Modes and what is compared:
   render    fp32 + subpixel upsampling, bf16 (autocast, bf16 weight copies), bf16 + subpixel: frames against
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -147,18 +146,18 @@ def _codes(s2, code, feats, steps: int = 10) -> torch.Tensor:
 
 
 def parity_part(root: Path) -> dict:
-    spec = importlib.util.spec_from_file_location("parity_weights", root / "weights.py")
-    w = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(w)
+    """The parity case's synthetic weights, made by the project's own implementation of the weight rule."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from parity_fixtures import manifest, seed_of, synthetic_weights
     case = root / "case_a"
-    seed = json.loads((case / "case.json").read_text())["seed"]
+    seed = seed_of(case)
     out = {}
     a = np.load(case / "stage1.npz")
-    s1 = stage1_from_state_dict(w.make_state_dict(w.load_manifest(root / "manifest_stage1.json"), seed=seed)).eval()
+    s1 = stage1_from_state_dict(synthetic_weights(manifest(case, "manifest_stage1.json"), seed)).eval()
     out["render"] = render_modes(s1, torch.from_numpy(a["image_in"]), torch.from_numpy(a["alphas"]),
                                  official=torch.from_numpy(a["frames"]))
     b = np.load(case / "stage2.npz")
-    sd = w.make_state_dict(w.load_manifest(root / "manifest_stage2_hubert_audio_only.json"), seed=seed)
+    sd = synthetic_weights(manifest(case, "manifest_stage2_hubert_audio_only.json"), seed)
     s2 = stage2_from_state_dict(sd).eval()
     tag = "hubert_audio_only"
     out["motion"] = motion_modes(s2, torch.from_numpy(b["wa"]), torch.from_numpy(b["alpha0"]),
@@ -167,7 +166,7 @@ def parity_part(root: Path) -> dict:
     from models.frontend import write_hubert_folder, load_hubert
     import tempfile
     fx = np.load(case / "audio_frontend.npz")
-    sdh = w.make_state_dict(w.load_manifest(root / "manifest_hubert_tiny.json"), seed=seed)
+    sdh = synthetic_weights(manifest(case, "manifest_hubert_tiny.json"), seed)
     with tempfile.TemporaryDirectory() as d:
         write_hubert_folder(d, sdh, json.loads((root / "hubert_tiny_config.json").read_text()))
         hub = load_hubert(d)
@@ -215,7 +214,7 @@ def print_tables(name: str, part: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parity", default=str(ROOT.parent / "shared" / "parity"))
+    p.add_argument("--parity", default=str(ROOT / "tests" / "fixtures" / "parity"))
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--skip-full-hubert", action="store_true")
