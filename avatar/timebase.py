@@ -46,11 +46,14 @@ class AudioChunk:
     """float32 mono 16 kHz samples; pts = index of the first sample in the stream.
 
     due: when a realtime session will show the frame that holds the first sample (its time source's
-    clock), or None. An engine that samples a live input (a camera) can use it to sample as late as its
-    compute time allows."""
+    clock), or None. An engine can use it to sample a live input (a camera) as late as its compute time
+    allows, and to skip drawing frames that could no longer be shown on time.
+    idle: silence a session feeds while nobody speaks (not the speaker's audio: it must not change how
+    the speaker's audio is normalised)."""
     samples: np.ndarray
     pts: int = 0
     due: float | None = None
+    idle: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,8 +67,12 @@ class VideoFrame:
 class AvFrame:
     """One output video frame with exactly its 640 audio samples, so A/V sync holds by construction.
 
+    image None: the engine had no time to draw this frame and the picture before it is held (the clock
+    shows the last image; motion and audio stay complete).
     pushed_at: time.monotonic() when the last of its audio samples was pushed into the engine;
     produced_at: when the engine returned it. Their difference is the engine's latency for this frame.
+    meta: "motion", the frame's motion code (an engine continues from it after an interrupt); sessions add
+    "repeat", "held", "tags", "ended".
     """
     image: np.ndarray
     audio: np.ndarray
@@ -76,10 +83,14 @@ class AvFrame:
 
 
 class Animator(Protocol):
-    """The engine seam the realtime shell drives (one worker thread owns it)."""
+    """The engine seam the realtime shell drives (one worker thread owns it).
+
+    push/flush return the frames the audio completed; reset drops what was pushed and not returned (an
+    interrupt) and continues the motion from ``last``, the frame the viewer saw last. An engine may also
+    offer push_iter/flush_iter, generators that hand out each frame as soon as it is made."""
 
     def push(self, item: AudioChunk) -> list[AvFrame]: ...
 
     def flush(self) -> list[AvFrame]: ...
 
-    def reset(self) -> None: ...
+    def reset(self, last: AvFrame | None = None) -> None: ...

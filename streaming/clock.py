@@ -3,9 +3,10 @@
 Pacing lives here and nowhere else: sources are read as fast as the session's bounded buffers allow,
 sinks never sleep. Slot k is due at t0 + k/25, always measured from the same anchor t0, so wake-up jitter
 never accumulates into drift, and the slot count (the output pts) never resets between utterances.
-When the engine has nothing ready the clock repeats the last image with 640 samples of silence (counted),
-so a viewer never sees fewer than 25 frames a second; when the engine is early, its frames wait.
-Audio and video of a slot leave in the same AvFrame, so they leave together.
+When the engine has nothing ready the clock repeats the last image with 640 samples of silence (counted as
+a repeat), so a viewer never sees fewer than 25 frames a second; when the engine is early, its frames wait.
+A frame the engine had no time to draw (image None) shows the last image with its own audio (counted as
+held). Audio and video of a slot leave in the same AvFrame, so they leave together.
 
 The time source is injectable: RealTime for use, FakeTime (virtual seconds) for tests and the soak bench.
 """
@@ -58,15 +59,10 @@ class FakeTime:
 @dataclass
 class ClockStats:
     frames: int = 0              # slots released
-    repeats: int = 0             # slots filled with the last image and silence
-    audio_samples: int = 0       # audio released; frames*640 when audio and video stay together
+    repeats: int = 0             # slots the engine missed: the last image and silence
+    held: int = 0                # engine frames shown with the last image (not drawn in time)
     late_max_s: float = 0.0      # worst wake-up lateness
     slips: int = 0               # re-anchors after falling more than MAX_LATE_S behind
-
-    @property
-    def av_offset_ms(self) -> float:
-        """Audio released minus video released, in ms."""
-        return 1000.0 * (self.audio_samples / SAMPLE_RATE - self.frames / FPS)
 
 
 class Clock:
@@ -83,7 +79,7 @@ class Clock:
         self.stats = ClockStats()
         self.k = 0
         self.slot_time = None    # when the slot being decided is due (next_frame may read it)
-        self._last = None
+        self._last = None        # the last frame drawn: what the viewer sees now
         self._opened = set()
 
     async def run(self, next_frame) -> None:
@@ -115,12 +111,16 @@ class Clock:
             frame = AvFrame(self._last.image, np.zeros(SAMPLES_PER_FRAME, np.float32), self.k,
                             meta={"repeat": True})
             self.stats.repeats += 1
+        elif frame.image is None:
+            if self._last is None:
+                raise RuntimeError("the engine held a frame before it had drawn one")
+            frame = AvFrame(self._last.image, frame.audio, self.k, frame.pushed_at, frame.produced_at,
+                            {**frame.meta, "held": True})
+            self.stats.held += 1
         else:
-            frame = AvFrame(frame.image, _exact(frame.audio), self.k, frame.pushed_at, frame.produced_at,
-                            frame.meta)
+            frame = AvFrame(frame.image, frame.audio, self.k, frame.pushed_at, frame.produced_at, frame.meta)
             self._last = frame
         self.stats.frames += 1
-        self.stats.audio_samples += len(frame.audio)
         if self.on_release is not None:
             self.on_release(frame, t)
         for sink in list(self.sinks):
@@ -129,20 +129,16 @@ class Clock:
                 await sink.open(StreamSpec(frame.image.shape[1], frame.image.shape[0]))
             await sink.write(frame)
 
+    @property
+    def last_drawn(self) -> AvFrame | None:
+        """The frame whose picture the viewer sees now (repeats and held frames show it)."""
+        return self._last
+
     async def aclose(self) -> None:
         for sink in self.sinks:
             if id(sink) in self._opened:
                 await sink.aclose()
         self._opened.clear()
-
-
-def _exact(audio: np.ndarray) -> np.ndarray:
-    """A frame carries exactly 640 samples; an engine that gets this wrong would otherwise drift A/V."""
-    if len(audio) == SAMPLES_PER_FRAME:
-        return audio
-    out = np.zeros(SAMPLES_PER_FRAME, np.float32)
-    out[:min(len(audio), SAMPLES_PER_FRAME)] = audio[:SAMPLES_PER_FRAME]
-    return out
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,7 @@ async def _run(session: Session, source, args, camera=None) -> dict:
     async def report():
         while args.metrics_every > 0:
             await asyncio.sleep(args.metrics_every)
-            print(session.metrics.line(session.clock), file=sys.stderr)
+            print(session.line(), file=sys.stderr)
 
     reporter = asyncio.create_task(report())
     server = None

@@ -247,7 +247,7 @@ class AvatarServer:
         from websockets.exceptions import ConnectionClosed
         while True:
             await asyncio.sleep(1)
-            m = self.session.metrics.summary(self.session.clock)
+            m = self.session.summary()
             m.update(op="metrics", viewers=len(self.sink.viewers), clients=len(self.clients))
             try:
                 await ws.send(json.dumps(m, default=float))

@@ -1,15 +1,18 @@
-"""A session: one source -> one worker thread that owns the Animator -> the clock -> every sink.
+"""A session: one avatar's input -> the engine worker -> the clock -> every sink.
 
-    source --reader task--> input queue (bounded) --> pending --> worker queue --> worker thread
-                                                                                      | call_soon_threadsafe
-    sinks <-- Clock (one frame per slot) <-- output deque <-- _deliver <--------------+
+    source --reader task--> Feed (input queue, pending, lead) --jobs--> EngineWorker (thread, owns the Animator)
+                                                                             | call_soon_threadsafe, frame by frame
+    sinks <-- Clock (one frame per slot) <-- output deque <-- _on_frame <-----+
 
-The clock's tick drives feeding: the engine is given audio only while fewer than `lead` frames are in
-flight (fed but not yet shown), so a file or TTS plays at exactly 25 fps with no second pacer, and every
-queue is bounded by `lead`. When the source has nothing, silence is fed so the avatar keeps idling from
-the same model. `interrupt()` beats data: it empties every queue at once, bumps a generation number so
-frames still being computed are dropped on arrival, and resets the Animator; the next slot (at most one
-frame period later) is silent.
+The clock's tick drives everything: the feed decides what the engine gets this slot (streaming/feed.py),
+the worker computes it, the output deque holds frames until their slot, Metrics observes what is released.
+`interrupt()` beats data: it empties every queue at once, bumps a generation number so frames still being
+computed are dropped on arrival, and resets the engine to continue from the frame the viewer saw last;
+the next slot (at most one frame period later) is silent.
+
+Errors: a bad argument to push/set_controls raises at the caller. An item the engine fails on is reported
+(metrics, ``on_error`` callbacks) and the session goes on after resetting the engine; only a fatal engine
+failure (the models cannot run) ends the session, raising that error from run().
 
 Python API (the README example; tests/test_shell_session.py runs it):
 
@@ -25,104 +28,61 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import queue
-import threading
 
 import numpy as np
 
 from avatar.media import Resampler
-from avatar.timebase import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, AudioChunk
+from avatar.timebase import SAMPLE_RATE, SAMPLES_PER_FRAME
 from models.errors import AnitalkerError
 
 from .clock import DONE, Clock, RealTime
+from .feed import END, JITTER_FRAMES, Feed, Piece
+from .metrics import Metrics
+from .worker import EngineWorker
 
-_END = object()            # source exhausted (reader -> session)
-_STOP = object()           # worker thread: leave
-JITTER_FRAMES = 3          # lead beyond the engine's own latency, against scheduling jitter
-LIVE_SLACK_FRAMES = 5      # a live source may queue this much before its oldest audio is dropped
-
-
-class Metrics:
-    """Counters and latencies of one session; times are in the clock's time source."""
-
-    def __init__(self):
-        self.first_in = None             # arrival of the first source sample
-        self.first_out = None            # release of the frame that holds it
-        self.latencies = collections.deque(maxlen=5000)   # source sample in -> its frame out, seconds
-        self.capture = collections.deque(maxlen=5000)     # driving video frame captured -> shown (reenactment)
-        self.engine = collections.deque(maxlen=5000)      # AvFrame.produced_at - pushed_at
-        self.interrupts = 0
-        self.dropped_samples = 0         # live audio dropped because the engine fell behind
-        self.depth_max = {"input": 0, "worker": 0, "output": 0}
-        self.depth = dict(self.depth_max)
-        self.started = None              # first release
-        self.last_release = None
-
-    def summary(self, clock) -> dict:
-        st = clock.stats
-        span = (self.last_release - self.started) if self.started is not None and self.last_release else 0
-        pct = lambda xs, q: round(1000 * float(np.percentile(xs, q)), 1) if xs else None  # noqa: E731
-        first = None if self.first_out is None else round(1000 * (self.first_out - self.first_in), 1)
-        out = {"frames": st.frames, "repeats": st.repeats, "fps": round((st.frames - 1) / span, 2) if span else None,
-               "first_audio_to_frame_ms": first, "latency_p50_ms": pct(self.latencies, 50),
-               "latency_p95_ms": pct(self.latencies, 95), "engine_p50_ms": pct(self.engine, 50),
-                "av_offset_ms": round(st.av_offset_ms, 3), "late_max_ms": round(1000 * st.late_max_s, 1),
-               "slips": st.slips, "interrupts": self.interrupts, "dropped_input_ms": self.dropped_samples / 16,
-               "queue_depth": dict(self.depth), "queue_depth_max": dict(self.depth_max)}
-        if self.capture:
-            out.update(capture_latency_p50_ms=pct(self.capture, 50), capture_latency_p95_ms=pct(self.capture, 95))
-        return out
-
-    def line(self, clock) -> str:
-        s = self.summary(clock)
-        return (f"{s['frames']} frames, {s['fps']} fps, {s['repeats']} repeated, latency p50/p95 "
-                f"{s['latency_p50_ms']}/{s['latency_p95_ms']} ms, A/V {s['av_offset_ms']} ms, "
-                f"queues {s['queue_depth']}")
+__all__ = ["Session", "JITTER_FRAMES"]
 
 
 class Session:
     def __init__(self, animator, sinks=(), *, time_source=None, lead_frames=None, max_lead_frames=None,
                  input_chunks=64):
         """lead_frames: audio fed ahead of the clock (default: the engine's latency + jitter margin); it
-        grows while the engine is late, up to max_lead_frames if given (a reenactment engine shows the
-        newest camera frame, so a slow machine should skip frames rather than queue them)."""
+        grows while the engine misses slots, up to max_lead_frames (default: 2 s more). A reenactment
+        engine shows the newest camera frame, so it caps the lead low: skip frames rather than queue them."""
         self.animator = animator
         self.time = time_source or RealTime()
         engine_frames = int(getattr(animator, "latency_frames", 0))
-        self.lead = lead_frames if lead_frames is not None else engine_frames + JITTER_FRAMES
-        self.max_lead = max(self.lead, max_lead_frames) if max_lead_frames is not None else None
+        lead = lead_frames if lead_frames is not None else engine_frames + JITTER_FRAMES
+        self.feed = Feed(self.time, lead, max_lead_frames, input_chunks)
         self.clock = Clock(sinks, self.time, self._on_release)
         self.metrics = Metrics()
+        self.on_error: list = []                # callbacks(message: str) for errors the session survived
         self.source = None
         self.stop_at_end = True
-        self._inq: asyncio.Queue = asyncio.Queue(maxsize=input_chunks)
-        self._work: queue.Queue = queue.Queue()
+        self.worker = None
         self._out = collections.deque()
-        self._pending = collections.deque()     # (samples, arrival, live) taken from _inq, not yet fed
-        self._arrivals = collections.deque()    # (start, end sample, arrival time) of fed source audio
-        self._fed = 0                           # samples given to the engine (also the next chunk's pts)
-        self._released = 0                      # engine samples shown
-        self._extra = 0                         # frames of lead learnt from repeats (see _tick)
-        self._min_out = 0
         self._gen = 0                           # bumped by interrupt(); older results are dropped
-        self._sent = self._done = 0             # worker items given / answered (FakeTime settling)
         self._progress = asyncio.Event()
-        self._source_done = self._flushing = self._ended = False
-        self._last_arrival = None
+        self._ended = False
         self._push_resamplers = {}
-        self._error = None
-        self._thread = self._task = None
+        self._fatal = None
+
+    @property
+    def lead(self) -> int:
+        """Frames fed ahead of the clock now (the configured lead plus what a late engine borrowed)."""
+        return self.feed.lead_now
 
     # ---- the public API ---------------------------------------------------------------------------
     async def run(self, source=None, *, stop_at_end: bool = True) -> dict:
         """Run until the source ends (stop_at_end) or stop(); returns the metrics summary.
         Without a source the session idles and plays what push() gives it."""
         self.source, self.stop_at_end = source, stop_at_end and source is not None
-        self._loop = asyncio.get_running_loop()
+        self.feed.paced = source is None or bool(getattr(source, "live", False))
+        loop = asyncio.get_running_loop()
         if getattr(self.time, "virtual", False):
             self.time.settle = self._settle
-        self._thread = threading.Thread(target=self._worker, name="animator", daemon=True)
-        self._thread.start()
+        self.worker = EngineWorker(self.animator, loop, lambda: self._gen, self._on_frame, self._on_done,
+                                   self._on_engine_error).start()
         reader = asyncio.create_task(self._read(source)) if source is not None else None
         await asyncio.sleep(0)                    # let the reader queue what it already has
         try:
@@ -130,28 +90,53 @@ class Session:
         finally:
             if reader is not None:
                 reader.cancel()
-            self._work.put(_STOP)
             await self.clock.aclose()
-            await asyncio.to_thread(self._thread.join, 5)
-        if self._error is not None:
-            raise self._error
-        summary = self.metrics.summary(self.clock)
+            await asyncio.to_thread(self.worker.stop)
+        if self._fatal is not None:
+            raise self._fatal
+        summary = self.summary()
         if hasattr(source, "overflows"):
             summary["input_overflows"] = source.overflows
         return summary
 
-    def push(self, samples, rate: int = SAMPLE_RATE, *, live: bool = False, stream=None) -> None:
+    def summary(self) -> dict:
+        return self.metrics.summary(self.clock, self.feed.dropped_samples)
+
+    def line(self) -> str:
+        return self.metrics.line(self.clock, self.feed.dropped_samples)
+
+    def push(self, samples, rate: int = SAMPLE_RATE, *, live: bool = False, stream=None, tag=None) -> None:
         """Queue mono audio at any rate. Call it on the loop's thread (other threads: call_soon_threadsafe).
 
         live=True marks realtime input (a microphone): when the engine falls behind, its oldest audio is
         dropped so latency stays bounded; other audio (TTS, whole utterances) is always played in full.
-        Each stream (any hashable naming one input) keeps its own resampler, so inputs do not mix state."""
+        Each stream (any hashable naming one input) keeps its own resampler, so inputs do not mix state.
+        tag (any hashable): the frames that hold this audio carry it in frame.meta["tags"]."""
         x = np.asarray(samples, np.float32).reshape(-1)
+        if not np.isfinite(x).all():            # a broken decoder or client: silence, not NaN motion
+            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
         if rate != SAMPLE_RATE:
-            x = self._push_resamplers.setdefault((stream, rate), Resampler(rate))(x)
+            x = self._resampler(stream, rate)(x)
         x = np.clip(x, -1.0, 1.0)           # a full-scale tone overshoots a little when resampled
+        self._put(Piece(x, self.time.now(), live, tag))
+
+    def end_segment(self, tag, stream=None) -> None:
+        """The audio pushed with `tag` is complete: the frame holding its last sample carries the tag in
+        frame.meta["ended"] when shown. The stream's resampler gives up its last few ms first."""
+        for key in [k for k in self._push_resamplers if k[0] == stream]:
+            tail = self._push_resamplers.pop(key).flush()
+            if len(tail):
+                self._put(Piece(np.clip(tail, -1.0, 1.0), self.time.now(), False, tag))
+        self._put(Piece(np.zeros(0, np.float32), self.time.now(), False, tag, mark=True))
+
+    def _resampler(self, stream, rate: int) -> Resampler:
+        if not 1000 <= int(rate) <= 384000:
+            raise AnitalkerError(f"sample rate {rate} is out of range (1000-384000 Hz)")
+        return self._push_resamplers.setdefault((stream, int(rate)), Resampler(int(rate)))
+
+    def _put(self, piece: Piece) -> None:
         try:
-            self._inq.put_nowait((x, self.time.now(), live))
+            self.feed.put_nowait(piece)
         except asyncio.QueueFull:
             raise AnitalkerError("the session's input queue is full; push larger chunks or less often") from None
 
@@ -160,26 +145,34 @@ class Session:
         for key in [k for k in self._push_resamplers if k[0] == stream]:
             del self._push_resamplers[key]
 
+    def set_controls(self, controls) -> None:
+        """New pose / location / scale for the engine, from the next motion window. A control the model
+        lacks, or a value that is not finite or out of range, raises AnitalkerError here, at the caller."""
+        setter = getattr(self.animator, "set_controls", None)
+        if setter is None:
+            raise AnitalkerError("this avatar has no head-pose or face controls (reenactment follows the face)")
+        setter(controls)
+
+    @property
+    def controls(self) -> tuple[str, ...]:
+        """Names of the controls the engine takes (pose, location, scale), for a page to show."""
+        return tuple(getattr(self.animator, "control_names", ()))
+
     def interrupt(self) -> None:
         """Drop all queued speech now; the next frame (within one frame period) is silent. Loop thread only."""
-        self._gen += 1
-        while not self._inq.empty():
-            if self._inq.get_nowait() is _END:
-                self._source_done = True
-        self._pending.clear()
-        self._arrivals.clear()
-        self._out.clear()
-        while True:
-            try:
-                self._work.get_nowait()
-                self._done += 1                  # discarded items count as answered
-            except queue.Empty:
-                break
-        self._submit("reset", None)
-        self._fed = self._released               # the engine restarts from what was shown
+        self._restart()
         self.metrics.interrupts += 1
         if hasattr(self.source, "interrupt"):
             self.source.interrupt()
+
+    def _restart(self) -> None:
+        """Forget everything queued and in flight; the engine continues from the picture shown last."""
+        self._gen += 1
+        self.feed.clear()
+        self._out.clear()
+        if self.worker is not None:
+            self.worker.discard_queued()
+            self.worker.submit("reset", self._gen, self.clock.last_drawn)
 
     async def frames(self):
         """Iterate the frames as the clock releases them (a bounded queue: a slow reader loses the oldest)."""
@@ -193,7 +186,7 @@ class Session:
             self.clock.sinks.remove(sink)
 
     def stop(self) -> None:
-        self._ended, self._source_done, self._out = True, True, collections.deque()
+        self._ended, self.feed.source_done, self._out = True, True, collections.deque()
         self.stop_at_end = True
 
     async def __aenter__(self):
@@ -207,176 +200,63 @@ class Session:
 
     # ---- the clock's tick: feed the engine, hand out one frame --------------------------------------
     def _tick(self, k: int):
-        if self._error is not None:
+        if self._fatal is not None:
             return DONE
-        self._feed()
-        d = self.metrics.depth
-        d["input"], d["worker"], d["output"] = self._inq.qsize(), self._work.qsize(), len(self._out)
-        for key, v in d.items():
-            self.metrics.depth_max[key] = max(self.metrics.depth_max[key], v)
-        # The lead adapts: every repeated slot lends the engine one more frame of audio, so an engine
-        # that needs more lookahead than it declared (or loses samples) is never starved for good.
-        # Once a second, what the output kept beyond the jitter margin all second long is paid back, so
-        # a passing hiccup does not keep its latency (a bursty engine's normal ebb does not count).
-        self._min_out = min(self._min_out, len(self._out))
-        if k % FPS == 0:
-            self._extra -= min(self._extra, max(0, self._min_out - JITTER_FRAMES))
-            self._min_out = len(self._out)
-        if self._out:
-            return self._out.popleft()
-        if self._ended and self.stop_at_end:
+        for kind, chunk in self.feed.tick(self.clock.slot_time, self.stop_at_end):
+            self.worker.submit(kind, self._gen, chunk)
+        self.metrics.queues(input=self.feed.inq.qsize(), worker=self.worker.qsize(), output=len(self._out))
+        frame = self._out.popleft() if self._out else None
+        if frame is None and self._ended and self.stop_at_end:
             return DONE
-        if self.max_lead is None or self.lead + self._extra < self.max_lead:
-            self._extra += 1
-        return None
-
-    def _feed(self) -> None:
-        live = getattr(self.source, "live", False)
-        if live or self.source is None:           # pushed audio is in memory already; a file is read lazily
-            while self._take():
-                pass
-            self._drop_late_live()
-        budget = (self.lead + self._extra) * SAMPLES_PER_FRAME - (self._fed - self._released)
-        pieces, start = [], self._fed       # one push per slot: 20 ms packets would each cost a worker round trip
-        while budget > 0 and (self._pending or self._take()):
-            x, t, is_live = self._pending.popleft()
-            if len(x) > budget:
-                self._pending.appendleft((x[budget:], t, is_live))
-                x = x[:budget]
-            if self.metrics.first_in is None:
-                self.metrics.first_in = t
-            at = start + sum(len(p) for p in pieces)
-            self._arrivals.append((at, at + len(x), t))
-            pieces.append(x)
-            budget -= len(x)
-        if pieces:
-            self._submit("push", AudioChunk(np.concatenate(pieces) if len(pieces) > 1 else pieces[0], start,
-                                            self._due(start)))
-        if self._pending or self._flushing:
-            return
-        if self._source_done and self.stop_at_end:
-            self._flushing = True
-            self._submit("flush", None)
-            return
-        # Live and pushed audio come in small pieces: a short gap between them is not a pause to fill.
-        paced = live or self.source is None
-        quiet = not paced or self._last_arrival is None or \
-            self.time.now() - self._last_arrival > JITTER_FRAMES / FPS
-        if quiet and budget >= SAMPLES_PER_FRAME:
-            n = budget // SAMPLES_PER_FRAME * SAMPLES_PER_FRAME
-            self._submit("push", AudioChunk(np.zeros(n, np.float32), self._fed, self._due(self._fed)))
-
-    def _due(self, sample: int) -> float:
-        """When the frame holding this sample is to be shown: the frame holding `_released` goes out at
-        this slot, the ones after it a period apart."""
-        return self.clock.slot_time + (sample // SAMPLES_PER_FRAME - self._released // SAMPLES_PER_FRAME) / FPS
-
-    def _drop_late_live(self) -> None:
-        """Bounded latency beats completeness for live audio: beyond a few frames waiting, its oldest goes."""
-        excess = sum(len(x) for x, _, is_live in self._pending if is_live) - LIVE_SLACK_FRAMES * SAMPLES_PER_FRAME
-        if excess <= 0:
-            return
-        kept = collections.deque()
-        for x, t, is_live in self._pending:
-            if is_live and excess > 0:
-                cut = min(len(x), excess)
-                excess -= cut
-                self.metrics.dropped_samples += cut
-                x = x[cut:]
-                if not len(x):
-                    continue
-            kept.append((x, t, is_live))
-        self._pending = kept
-
-    def _take(self) -> bool:
-        """Move one queued source chunk to pending; False when there is none."""
-        if self._source_done or self._inq.empty():
-            return False
-        item = self._inq.get_nowait()
-        if item is _END:
-            self._source_done = True
-            return False
-        self._pending.append(item)
-        self._last_arrival = item[1]
-        return True
-
-    def _submit(self, kind: str, chunk) -> None:
-        if chunk is not None:
-            self._fed += len(chunk.samples)
-        self._sent += 1
-        self._work.put((kind, self._gen, chunk))
+        self.feed.adapt(k, len(self._out), missed=frame is None)
+        return frame
 
     def _on_release(self, frame, t: float) -> None:
-        m = self.metrics
-        m.last_release = t
-        if m.started is None:
-            m.started = t
-        if frame.meta.get("repeat"):
-            return
-        if frame.meta.get("captured_at") is not None:
-            m.capture.append(t - frame.meta["captured_at"])
-        self._released += len(frame.audio)
-        if frame.produced_at and frame.pushed_at:
-            m.engine.append(frame.produced_at - frame.pushed_at)
-        start = self._released - len(frame.audio)
-        while self._arrivals and self._arrivals[0][1] <= start:
-            self._arrivals.popleft()
-        arrived = None                               # arrival of the latest source chunk in this frame
-        for first, _, t_in in self._arrivals:
-            if first >= self._released:
-                break
-            arrived = t_in
-        if arrived is not None:
-            m.latencies.append(t - arrived)
-            if m.first_out is None:
-                m.first_out = t
+        released = None
+        if not frame.meta.get("repeat"):
+            released = self.feed.release()
+            if released.tags:
+                frame.meta["tags"] = released.tags
+            if released.ended:
+                frame.meta["ended"] = released.ended
+        if self.metrics.first_in is None and released is not None and released.arrival is not None:
+            self.metrics.first_in = released.arrival
+        self.metrics.released(frame, t, released and released.arrival)
 
-    # ---- the worker thread and its hand-off to the loop ---------------------------------------------
-    def _worker(self) -> None:
-        while True:
-            item = self._work.get()
-            if item is _STOP:
-                return
-            kind, gen, chunk = item
-            frames = []
-            try:
-                if gen == self._gen:              # skip work queued before an interrupt
-                    if kind == "push":
-                        frames = self.animator.push(chunk)
-                    elif kind == "flush":
-                        frames = self.animator.flush()
-                    else:
-                        self.animator.reset()
-            except BaseException as e:           # reported on the loop; the session then stops
-                self._answer(self._fail, e)
-                return
-            if not self._answer(self._deliver, gen, frames, kind == "flush"):
-                return
-
-    def _answer(self, fn, *args) -> bool:
-        """Hand a result to the loop; False when the loop has closed (the session gave up waiting)."""
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-            return True
-        except RuntimeError:
-            return False
-
-    def _deliver(self, gen: int, frames, last: bool) -> None:
-        self._done += 1
-        self._progress.set()
+    # ---- answers from the worker (on the loop's thread) ----------------------------------------------
+    def _on_frame(self, gen: int, frame) -> None:
         if gen != self._gen:
             return
-        self._out.extend(frames)
-        if last:
+        if len(frame.audio) != SAMPLES_PER_FRAME:     # the engine broke the time base: refuse, never pad
+            self.metrics.bad_frames += 1
+            self.feed.release()
+            self._report(AnitalkerError(f"the engine returned frame {frame.pts} with {len(frame.audio)} "
+                                        f"audio samples instead of {SAMPLES_PER_FRAME}; it was dropped"))
+            return
+        self._out.append(frame)
+
+    def _on_done(self, gen: int, kind: str) -> None:
+        self.worker.done += 1
+        self._progress.set()
+        if kind == "flush" and gen == self._gen:
             self._ended = True
 
-    def _fail(self, e: BaseException) -> None:
-        self._error = e
-        self._done = self._sent
-        self._progress.set()
+    def _on_engine_error(self, gen: int, e: BaseException, fatal: bool) -> None:
+        if fatal:
+            self._fatal = e
+            return
+        self._report(e)
+        if gen == self._gen:          # what was in flight is lost: start again from what is shown
+            self._restart()
+
+    def _report(self, e: BaseException) -> None:
+        self.metrics.error(e)
+        for callback in list(self.on_error):
+            callback(self.metrics.last_error)
 
     async def _settle(self) -> None:
-        while self._done < self._sent and self._error is None:
+        """FakeTime: before virtual time moves on, the engine has answered everything it was given."""
+        while self.worker.done < self.worker.sent and self._fatal is None:
             self._progress.clear()
             await self._progress.wait()
 
@@ -384,7 +264,10 @@ class Session:
         live = bool(getattr(source, "live", False))
         try:
             async for chunk in source:
-                await self._inq.put((np.asarray(chunk.samples, np.float32), self.time.now(), live))
+                x = np.asarray(chunk.samples, np.float32)
+                if not np.isfinite(x).all():
+                    x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+                await self.feed.inq.put(Piece(x, self.time.now(), live))
         except Exception as e:                    # a broken device or file ends the session with its error
-            self._error = e
-        await self._inq.put(_END)
+            self._fatal = e
+        await self.feed.inq.put(END)

@@ -37,7 +37,7 @@ class ToneAnimator:
         self.resets = -1            # reset() below makes it 0
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, last=None) -> None:
         self._buf = np.zeros(0, np.float32)
         self._next = None           # pts of the next frame
         self._held = []

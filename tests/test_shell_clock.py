@@ -79,14 +79,24 @@ def test_lead_adapts_to_an_engine_that_needs_more_lookahead_than_it_declares():
     check_pairing(rec.frames)
 
 
-def test_audio_and_video_leave_together():
+def test_a_frame_with_the_wrong_audio_length_is_refused_and_reported():
+    """Never padded: a frame whose audio is not exactly 640 samples is dropped, counted and reported (its
+    slot repeats), so a broken engine shows up in the metrics instead of as drift at the receiver."""
     class Sloppy(ToneAnimator):           # an engine that gets the audio length wrong now and then
         def push(self, chunk):
             return [f if f.pts % 7 else type(f)(f.image, f.audio[:600], f.pts) for f in super().push(chunk)]
 
-    rec, s = play(Sloppy(), 16000)
+    t = FakeTime()
+    rec, errors = Recorder(t), []
+    session = Session(Sloppy(), [rec], time_source=t)
+    session.on_error.append(errors.append)
+    s = asyncio.run(session.run(ramp(16000)))
+    sloppy = 25 // 7 + 1                  # frames 0, 7, 14, 21
     assert all(len(f.audio) == SAMPLES_PER_FRAME for f in rec.frames)
-    assert s["av_offset_ms"] == 0.0
+    assert s["bad_frames"] == len(errors) == sloppy and "600 audio samples" in errors[0]
+    shown = {decode_pts(f.image) for f in rec.frames if not f.meta.get("repeat")}
+    assert not shown & {0, 7, 14, 21} and len(shown) >= 25 - sloppy
+    check_pairing(rec.frames)
 
 
 def test_wakeup_jitter_does_not_accumulate():

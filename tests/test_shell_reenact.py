@@ -299,9 +299,9 @@ def test_websocket_live_flag_bounds_latency():
             assert "live" in (await reply(ws))["error"]
             await ws.send(json.dumps({"op": "audio", "rate": 16000, "format": "f32", "live": True}))
             await ws.send(np.tile(second, 3).tobytes())              # 3 s at once: far behind real time
-            while session.metrics.dropped_samples < 16000:           # most of it goes, not its latency
+            while session.feed.dropped_samples < 16000:           # most of it goes, not its latency
                 await asyncio.sleep(0.05)
-            dropped = session.metrics.dropped_samples
+            dropped = session.feed.dropped_samples
             await ws.send(json.dumps({"op": "audio", "rate": 16000, "format": "f32"}))   # live: false
             await ws.send(np.tile(second, 2).tobytes())
             loud = 0
@@ -309,7 +309,7 @@ def test_websocket_live_flag_bounds_latency():
                 loud += float(np.abs(frame.audio).max()) > 0.4
                 if loud >= 50:
                     break
-            assert session.metrics.dropped_samples == dropped
+            assert session.feed.dropped_samples == dropped
     served(go, ToneAnimator(size=64))
 
 
