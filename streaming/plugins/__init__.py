@@ -42,8 +42,9 @@ def load_animator(portrait=None, *, checkpoints=None, infer_type: str | None = N
 
 
 def pcm16(audio: np.ndarray) -> bytes:
-    """float32 in [-1, 1] -> little-endian signed 16-bit PCM, as both frameworks carry audio."""
-    return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+    """float32 in [-1, 1] -> little-endian signed 16-bit PCM, as both frameworks carry audio (the inverse
+    of from_pcm16: 16-bit input comes back bit-exact)."""
+    return np.clip(np.round(audio * 32768.0), -32768, 32767).astype("<i2").tobytes()
 
 
 def from_pcm16(data, channels: int = 1) -> np.ndarray:

@@ -48,8 +48,12 @@ __all__ = ["AvatarVideo", "AvatarSession", "avatar_options"]
 
 
 def _image_size(animator) -> tuple[int, int]:
-    """(width, height) of the engine's frames: 256x256 for AniTalker; test engines say their own size."""
-    size = getattr(animator, "size", 256)
+    """(width, height) of the engine's frames: the renderer's size (256 for AniTalker), or what a test
+    engine says."""
+    size = getattr(animator, "size", None)
+    if size is None:
+        models = getattr(animator, "models", None)
+        size = models.stage1.dims.size if models is not None else 256
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
