@@ -106,7 +106,7 @@ class AvatarVideoService(FrameProcessor):
             tags = self.speech.live(f.meta.get("tags"))
             if tags:
                 await self.push_frame(TTSAudioRawFrame(audio=pcm16(f.audio), sample_rate=SAMPLE_RATE,
-                                                       num_channels=1, context_id=self._contexts.get(tags[-1])))
+                                                       num_channels=1, context_id=self._contexts.get(tags[0])))
             for tag in self.speech.live(f.meta.get("ended")):
                 self._contexts.pop(tag, None)
                 await self._release(tag)
