@@ -1,7 +1,7 @@
 """The LiveKit Agents adapter in process, with the real livekit-agents package: its AvatarRunner (with its
 real AVSynchronizer, AudioSource and VideoSource) over a stand-in room whose local participant records the
-tracks it is asked to publish, TTS-like audio through a real QueueAudioOutput. No LiveKit server exists
-here; the stand-in room is the only double."""
+tracks it is asked to publish (streaming.testing.stand_in_room), TTS-like audio through a real
+QueueAudioOutput. No LiveKit server exists here; the stand-in room is the only double."""
 import asyncio
 
 import numpy as np
@@ -14,42 +14,7 @@ from livekit.agents.voice.avatar import AudioSegmentEnd, AvatarRunner, QueueAudi
 
 from streaming.plugins import pcm16  # noqa: E402
 from streaming.plugins.livekit import AvatarSession, AvatarVideo, avatar_options  # noqa: E402
-from streaming.testing import ToneAnimator, decode_pts  # noqa: E402
-
-
-class Publication:
-    def __init__(self, track, options):
-        self.track, self.kind, self.source, self.sid = track, track.kind, options.source, f"TR_{id(track)}"
-
-    async def wait_for_subscription(self):
-        return None
-
-
-class LocalParticipant:
-    """Duck-types rtc.LocalParticipant: records what is published instead of sending it to a server."""
-    identity = "agent"
-    kind = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
-
-    def __init__(self, room):
-        self.room, self.track_publications = room, {}
-
-    async def publish_track(self, track, options):
-        pub = Publication(track, options)
-        self.track_publications[pub.sid] = pub
-        self.room.emit("local_track_published", pub, track)
-        return pub
-
-
-class StandInRoom(rtc.EventEmitter):
-    name = "stand-in"
-
-    def __init__(self):
-        super().__init__()
-        self.local_participant = LocalParticipant(self)
-        self.remote_participants = {}
-
-    def isconnected(self):
-        return True
+from streaming.testing import ToneAnimator, decode_pts, stand_in_room  # noqa: E402
 
 
 class Recorder:
@@ -85,7 +50,7 @@ async def tts(output: QueueAudioOutput, pcm: np.ndarray, rate: int, ms: int = 20
 
 
 async def start_runner(video, **runner_kw):
-    room = StandInRoom()
+    room = stand_in_room()
     output = QueueAudioOutput(wait_playback_start=True)
     finished = asyncio.Queue()
     output.on("playback_finished", finished.put_nowait)
@@ -269,7 +234,7 @@ def test_avatar_session_wires_itself_into_an_agent_session():
 
     async def main():
         session = AgentSession()
-        room = StandInRoom()
+        room = stand_in_room()
         avatar = AvatarSession(ToneAnimator())
         await avatar.start(session, room)
         rec = Recorder(avatar.runner)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 
 import numpy as np
@@ -27,18 +28,27 @@ __all__ = ["Speech", "load_animator", "pcm16", "played", "SAMPLE_RATE"]
 
 def load_animator(portrait=None, *, checkpoints=None, infer_type: str | None = None, device: str = "auto",
                   crop: bool = True, **stream):
-    """The streaming engine for a portrait photo (default: the bundled one) with the downloaded checkpoints.
-    stream: StreamConfig fields (hop, lookahead, steps, ...). Live use defaults to 10 DDIM steps a window."""
+    """A new streaming engine for a portrait photo (default: the bundled one) with the downloaded
+    checkpoints. The models are loaded once per process and shared; each call makes a fresh engine (one
+    per session: an engine belongs to one session's worker thread). stream: StreamConfig fields (hop,
+    lookahead, steps, ...); live use defaults to 10 DDIM steps a window."""
     from avatar.animator import StreamConfig, StreamingAnimator
     from avatar.download import DEFAULT_INFER_TYPE
-    from avatar.pipeline import encode_portrait, load_models
+    from avatar.pipeline import encode_portrait
     from avatar.portrait import asset_path, load_image, prepare_portrait, to_tensor
 
-    models = load_models(checkpoints, infer_type or DEFAULT_INFER_TYPE, device)
+    models = _models(None if checkpoints is None else str(checkpoints), infer_type or DEFAULT_INFER_TYPE, device)
     image = prepare_portrait(load_image(portrait or asset_path("portrait.jpg")), crop=crop).image
     code = encode_portrait(models, to_tensor(image))
     stream.setdefault("steps", 10)
     return StreamingAnimator(models, code, StreamConfig(**stream))
+
+
+@functools.lru_cache(maxsize=2)
+def _models(checkpoints, infer_type: str, device: str):
+    from avatar.pipeline import load_models
+
+    return load_models(checkpoints, infer_type, device)
 
 
 def pcm16(audio: np.ndarray) -> bytes:
