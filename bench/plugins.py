@@ -1,6 +1,6 @@
 """Voice-agent plugins: latency from TTS audio in to the first frame out that carries it.
 
-    python bench/plugins.py [--engines tiny,10/5/10/bf16,5/2/5/bf16] [--utterances 3] [--threads N]
+    python bench/plugins.py [--engines tiny,5/2/5/fp32] [--utterances 3] [--preempt-idle] [--threads N]
 
 An engine is `tiny` (the test dims) or hop/lookahead/steps/precision at full size; all weights are
 generated (random) of those sizes. For each engine and each framework adapter the avatar idles until its
@@ -11,6 +11,10 @@ frames flow, then a spoken sentence (espeak-ng, else a voice-like signal) arrive
            speech handed by the real AvatarRunner to its AVSynchronizer (the frame it publishes), stand-in room
   pipecat  first TTSAudioRawFrame entering the service -> the first TTSAudioRawFrame of that speech leaving
            it, in a real pipecat pipeline
+
+--preempt-idle (an experiment, not what the adapters do): the first push of each utterance first calls
+session.interrupt(), dropping the idle silence the session had fed ahead of the clock, to show how much of
+the latency is that queue (the session lends a late engine up to 2 s more lead, filled with idle silence).
 
 Writes JSON (bench/results/plugins.json) and prints a table. This machine's figures are in the README.
 """
@@ -65,7 +69,19 @@ def make_engine(spec: str):
     return StreamingAnimator(models, code, config)
 
 
-async def livekit_run(animator, wave, utterances: int, idle_s: float):
+def preempt_idle(speech) -> None:
+    """Experiment: an utterance that starts while the avatar idles first drops the idle silence in flight."""
+    push = speech.push
+
+    def push_after_interrupt(samples, rate):
+        if not speech.open:
+            speech.session.interrupt()
+        return push(samples, rate)
+
+    speech.push = push_after_interrupt
+
+
+async def livekit_run(animator, wave, utterances: int, idle_s: float, preempt: bool):
     from livekit import rtc
     from livekit.agents.voice.avatar import AvatarRunner, QueueAudioOutput
 
@@ -73,6 +89,8 @@ async def livekit_run(animator, wave, utterances: int, idle_s: float):
     from streaming.testing import stand_in_room
 
     video = AvatarVideo(animator)
+    if preempt:
+        preempt_idle(video.speech)
     output = QueueAudioOutput(wait_playback_start=True)
     finished = asyncio.Queue()
     output.on("playback_finished", finished.put_nowait)
@@ -103,7 +121,7 @@ async def livekit_run(animator, wave, utterances: int, idle_s: float):
     return [o - i for i, o in zip(first_in, first_out)], summary
 
 
-def pipecat_run(animator, wave, utterances: int, idle_s: float, seconds: float):
+def pipecat_run(animator, wave, utterances: int, idle_s: float, seconds: float, preempt: bool):
     from pipecat.frames.frames import TTSAudioRawFrame, TTSStartedFrame, TTSStoppedFrame
     from pipecat.pipeline.pipeline import Pipeline
     from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
@@ -124,6 +142,8 @@ def pipecat_run(animator, wave, utterances: int, idle_s: float, seconds: float):
             await self.push_frame(frame, direction)
 
     service = AvatarVideoService(animator)
+    if preempt:
+        preempt_idle(service.speech)
     before, after = Stamp(), Stamp()
     pcm = (np.clip(wave, -1, 1) * 32767).astype(np.int16)
     frames = [SleepFrame(idle_s)]
@@ -141,12 +161,14 @@ def pipecat_run(animator, wave, utterances: int, idle_s: float, seconds: float):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engines", default="tiny,10/5/10/bf16,5/2/5/bf16")
+    p.add_argument("--engines", default="tiny,5/2/5/fp32")
     p.add_argument("--frameworks", default="livekit,pipecat")
     p.add_argument("--utterances", type=int, default=3)
     p.add_argument("--seconds", type=float, default=2.0, help="length of each utterance")
     p.add_argument("--idle", type=float, default=3.0, help="idle seconds before each utterance")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--preempt-idle", action="store_true", help="experiment: see the module docstring")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared 2-core machine a second thread only spin-waits)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "plugins.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -156,17 +178,19 @@ def main() -> None:
         for fw in args.frameworks.split(","):
             animator = make_engine(spec)
             if fw == "livekit":
-                lat, summary = asyncio.run(livekit_run(animator, wave, args.utterances, args.idle))
+                lat, summary = asyncio.run(livekit_run(animator, wave, args.utterances, args.idle, args.preempt_idle))
             else:
-                lat, summary = pipecat_run(animator, wave, args.utterances, args.idle, args.seconds)
+                lat, summary = pipecat_run(animator, wave, args.utterances, args.idle, args.seconds,
+                                           args.preempt_idle)
             ms = [round(1000 * x, 1) for x in lat]
-            rows.append(dict(engine=spec, framework=fw, latency_ms=ms, median_ms=float(np.median(ms)),
+            rows.append(dict(engine=spec, framework=fw, preempt_idle=args.preempt_idle, latency_ms=ms, median_ms=float(np.median(ms)),
                              configured_ms=1000 * animator.latency_s, repeats=summary["repeats"],
                              frames=summary["frames"], session=summary))
             print(f"{spec:<14} {fw:<8} TTS in -> first frame out ms: {ms} (configured {1000 * animator.latency_s:.0f})",
                   flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(bench="plugins", device=f"CPU, {args.threads} threads",
+                                              preempt_idle=args.preempt_idle,
                                               torch=torch.__version__, seconds=args.seconds, rows=rows), indent=2))
     print(f"\n{'engine':<16}{'framework':<10}{'median ms':>10}{'min':>8}{'max':>8}{'configured':>12}{'repeats':>9}")
     for r in rows:
