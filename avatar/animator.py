@@ -20,9 +20,9 @@ import torch
 
 from .features import StreamingFeatures
 from .motion import MotionConfig, MotionStream
-from .pipeline import Controls, Models, PortraitCode
+from .pipeline import Controls, Models, PortraitCode, check_controls, control_names
 from .portrait import to_uint8
-from .timebase import SAMPLES_PER_FRAME, AudioChunk, AvFrame
+from .timebase import FPS, SAMPLES_PER_FRAME, AudioChunk, AvFrame
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,20 @@ class StreamConfig:
 
 
 class StreamingAnimator:
-    """push / flush / reset, as the realtime shell's Animator protocol asks."""
+    """push / flush / reset, as the realtime shell's Animator protocol asks; push_iter / flush_iter hand
+    out each frame as soon as it is made.
+
+    Deadlines: a chunk that says when its frame is due (AudioChunk.due, on the clock ``now`` reads) lets
+    an engine slower than real time draw only the frames it can still finish in time, and leave the time
+    the next hop's features and motion need; the others come out with image None (the shell holds the
+    last picture). Costs are measured on the same clock (``now``: the session's time source). Motion and audio are always complete, so the lips stay on the words at a lower picture
+    rate. Without due times (offline rendering) every frame is drawn.
+    """
 
     def __init__(self, models: Models, code: PortraitCode, config: StreamConfig = StreamConfig(),
-                 controls: Controls = Controls()):
-        self.models, self.code, self.config = models, code, config
-        self.controls = controls
+                 controls: Controls = Controls(), now=time.monotonic):
+        self.models, self.code, self.config, self.now = models, code, config, now
+        self.set_controls(controls)
         self.features = StreamingFeatures(models.hubert, models.stage2.dims.audio, block=config.hop,
                                           context=config.audio_context, lookahead=config.lookahead,
                                           normalize=config.normalize, lookahead_rows=True)
@@ -57,6 +65,11 @@ class StreamingAnimator:
             continuity=config.continuity, seed=config.seed))
         self.batch = config.render_batch or (config.hop if models.device.type == "cuda" else 1)
         self.timings = {"features": 0.0, "motion": 0.0, "render": 0.0}
+        self.skipped = 0                            # frames not drawn for lack of time
+        self._render_cost = deque(maxlen=8)         # seconds per drawn frame, recent
+        self._hop_cost = deque(maxlen=4)            # features + motion seconds per hop, recent
+        self._due = None                            # (frame, when it is shown) from the latest chunk
+        self._drawn = False                         # the first picture is always drawn: nothing to hold yet
         self._new_segment(0)
 
     @property
@@ -68,10 +81,20 @@ class StreamingAnimator:
     @property
     def latency_s(self) -> float:
         """Configured latency without compute."""
-        return self.latency_frames / 25
+        return self.latency_frames / FPS
+
+    @property
+    def control_names(self) -> tuple[str, ...]:
+        return control_names(self.models)
+
+    @property
+    def stats(self) -> dict:
+        return {"skipped_renders": self.skipped}
 
     def set_controls(self, controls: Controls) -> None:
-        """New pose / location / scale (None: predicted); they take effect from the next hop."""
+        """New pose / location / scale (None: predicted); they take effect from the next hop. A control the
+        model lacks or a value out of range raises AnitalkerError here, at the caller."""
+        check_controls(self.models, controls)
         self.controls = controls
 
     def _new_segment(self, frame: int) -> None:
@@ -83,30 +106,42 @@ class StreamingAnimator:
         self._ctx_feats = None                      # features of the last committed frames (context)
 
     def push(self, chunk: AudioChunk) -> list[AvFrame]:
+        return list(self.push_iter(chunk))
+
+    def flush(self) -> list[AvFrame]:
+        return list(self.flush_iter())
+
+    def push_iter(self, chunk: AudioChunk):
         samples = np.asarray(chunk.samples, dtype=np.float32).reshape(-1)
+        if chunk.due is not None:
+            self._due = (self._origin + self._samples // SAMPLES_PER_FRAME, chunk.due)
         self._audio = np.concatenate([self._audio, samples])
         self._samples += len(samples)
         self._pushes.append((self._samples, time.monotonic()))
-        return self._run(self._timed("features", self._push_features, samples), final=False)
+        t0 = self.now()
+        blocks = self._timed("features", self._push_features, samples, chunk.idle)
+        yield from self._run(blocks, final=False, features_s=self.now() - t0)
 
-    def _push_features(self, samples):
-        self.features.push(samples)
+    def _push_features(self, samples, idle):
+        self.features.push(samples, idle=idle)
         return self.features.ready()
 
-    def flush(self) -> list[AvFrame]:
+    def flush_iter(self):
         """End of the utterance: the last partial frame is padded with silence."""
         self._pushes.append((self._samples, time.monotonic()))
+        t0 = self.now()
         blocks = self._timed("features", self.features.finish)
         pad = (-self._samples) % SAMPLES_PER_FRAME
         self._audio = np.concatenate([self._audio, np.zeros(pad, np.float32)])
-        frames = self._run(blocks, final=True)
+        yield from self._run(blocks, final=True, features_s=self.now() - t0)
         self._new_segment(self.features.frames_done)
-        return frames
 
-    def reset(self) -> None:
-        """Interrupt: pending audio is dropped; the last motion code is kept so the head does not jump."""
+    def reset(self, last: AvFrame | None = None) -> None:
+        """Interrupt: pending audio is dropped; motion continues from ``last`` (the frame the viewer saw
+        last), else from the last committed code, so the head does not jump."""
+        code = None if last is None else last.meta.get("motion")
         self.features.reset()
-        self.motion.reset(start=self.features.frames_done)
+        self.motion.reset(start=self.features.frames_done, code=None if code is None else torch.as_tensor(code))
         self._new_segment(self.features.frames_done)
 
     def _timed(self, stage, fn, *args):
@@ -116,14 +151,14 @@ class StreamingAnimator:
         self.timings[stage] += time.perf_counter() - t0
         return out
 
-    @torch.inference_mode()
-    def _run(self, blocks, final: bool) -> list[AvFrame]:
-        out = []
+    def _run(self, blocks, final: bool, features_s: float):
         for i, (start, feats) in enumerate(blocks):
             last = final and i == len(blocks) - 1
-            codes = self._timed("motion", self._motion_step, start, feats, last)
-            out += self._timed("render", self._render, start, codes)
-        return out
+            t0 = self.now()
+            with torch.inference_mode():
+                codes = self._timed("motion", self._motion_step, start, feats, last)
+            self._hop_cost.append(features_s / len(blocks) + self.now() - t0)
+            yield from self._frames(start, codes, last)
 
     def _motion_step(self, start: int, feats: torch.Tensor, final: bool) -> torch.Tensor:
         """feats: the block's frames plus its lookahead frames; the context frames' features are kept here."""
@@ -151,26 +186,59 @@ class StreamingAnimator:
             pose = p[min(start, len(p) - 1)]
         return {"pose": pose, "location": c.location, "scale": c.scale}
 
-    def _render(self, start: int, codes: torch.Tensor) -> list[AvFrame]:
-        frames = []
-        for i in range(0, len(codes), self.batch):
-            imgs = self.models._render(self.code.wa, codes[i:i + self.batch], self.code.feats)
-            frames += list(to_uint8(imgs.float().cpu()))
-        now = time.monotonic()
-        out = []
-        for k, image in enumerate(frames):
-            pts = start + k
-            a = (pts - self._audio_frame) * SAMPLES_PER_FRAME
-            audio = self._audio[a:a + SAMPLES_PER_FRAME].copy()
-            out.append(AvFrame(image, audio, pts, pushed_at=self._pushed_time(pts), produced_at=now))
-        done = (start + len(frames) - self._audio_frame) * SAMPLES_PER_FRAME
-        self._audio = self._audio[done:]
-        self._audio_frame = start + len(frames)
+    def _deadline(self, frame: int) -> float | None:
+        if self._due is None:
+            return None
+        f0, t0 = self._due
+        return t0 + (frame - f0) / FPS
+
+    def _in_time(self, frame: int, drawn_before: int, limit: float | None) -> bool:
+        """Whether drawing ``frame`` (after ``drawn_before`` more in the same batch) ends before it is due
+        and before ``limit``, when the next hop must start to be on time."""
+        due = self._deadline(frame)
+        if due is None or not self._drawn:
+            return True
+        cost = max(self._render_cost, default=0.0)
+        end = self.now() + cost * (drawn_before + 1)
+        return end <= due and (limit is None or end <= limit)
+
+    def _frames(self, start: int, codes: torch.Tensor, last: bool):
+        """The hop's frames in order, drawn or held (image None), each with exactly its 640 samples."""
+        nxt = self._deadline(start + len(codes))
+        limit = None if last or nxt is None else nxt - max(self._hop_cost, default=0.0)
+        motion = codes.float().cpu().numpy()
+        for g in range(0, len(codes), self.batch):
+            group = range(start + g, start + min(g + self.batch, len(codes)))
+            draw = []
+            for pts in group:
+                if self._in_time(pts, len(draw), limit):
+                    draw.append(pts)
+            images = {}
+            if draw:
+                t0 = self.now()
+                idx = torch.tensor([p - start for p in draw], device=codes.device)
+                with torch.inference_mode():
+                    imgs = self._timed("render", self.models._render, self.code.wa, codes[idx], self.code.feats)
+                images = dict(zip(draw, to_uint8(imgs.float().cpu())))
+                self._render_cost.append((self.now() - t0) / len(draw))
+                self._drawn = True
+            self.skipped += len(group) - len(draw)
+            now = time.monotonic()
+            for pts in group:
+                yield AvFrame(images.get(pts), self._take_audio(pts), pts, pushed_at=self._pushed_time(pts),
+                              produced_at=now, meta={"motion": motion[pts - start]})
+
+    def _take_audio(self, pts: int) -> np.ndarray:
+        """Frame pts's 640 samples; frames are taken in order, so what is before them is dropped."""
+        a = (pts - self._audio_frame) * SAMPLES_PER_FRAME
+        audio = self._audio[a:a + SAMPLES_PER_FRAME].copy()
+        self._audio = self._audio[a + SAMPLES_PER_FRAME:]
+        self._audio_frame = pts + 1
         # forget push times no later frame can need (a live session may never end its segment)
         need = (self._audio_frame - self._origin) * SAMPLES_PER_FRAME + 1
         while len(self._pushes) > 1 and self._pushes[0][0] < need:
             self._pushes.popleft()
-        return out
+        return audio
 
     def _pushed_time(self, pts: int) -> float:
         """When the last sample of frame pts was pushed (flush time for the silence padding)."""

@@ -15,11 +15,16 @@ Only the samples decide a block, never the chunk sizes: 1 ms and 1 s chunks give
 
 Normalisation (HuBERT only; MFCC is never normalised). The official front end maps the waveform to
 (x - mean) / sqrt(var + 1e-7) with the mean and variance of the *whole utterance*, unknown while streaming:
-- "running": mean and variance of all audio of the stream from its first sample up to the block's lookahead
-  end (merged one block at a time in float64, Chan/Welford), frozen when the block is computed. It tends to
-  the utterance statistics as the stream goes on and equals them, up to float32 rounding, for blocks whose
-  window ends at the end of the stream (the silence padding the last frame counts as audio). Quiet passages stay quiet relative to speech, as offline. Early
-  blocks see statistics of little audio; the statistics survive reset() (same speaker, same level).
+- "running": mean and variance of the speaker's audio from the stream's first sample up to the block's
+  lookahead end (merged one block at a time in float64, Chan/Welford), frozen when the block is computed.
+  Two rules keep it independent of idle time and session length: samples pushed as idle (the silence a
+  session feeds while nobody speaks) are not counted, however long the idle stretch; and the statistics
+  keep the weight of at most STATS_SECONDS of audio (older audio fades out as newer is merged, by about
+  1/e per STATS_SECONDS of new speech), so a long session follows the speaker's current level. For a stream of at most STATS_SECONDS of non-idle audio the
+  statistics are those of that audio, and equal the whole-utterance statistics, up to float32 rounding,
+  for blocks whose window ends at the end of the stream (the silence padding the last frame counts as
+  audio). Quiet passages stay quiet relative to speech, as offline. Early blocks see statistics of little
+  audio; the statistics survive reset() (same speaker, same level).
 - "window": the official formula over the window's own audio. Equals the official normalisation exactly
   when a window covers the whole utterance, but the gain changes from block to block, and a quiet window
   (background noise between sentences) is scaled up to unit variance like speech.
@@ -44,34 +49,45 @@ import torch
 from models.errors import AnitalkerError
 from models.frontend import HubertFrontend, mfcc_features, normalize_wave
 
-from .timebase import SAMPLES_PER_FRAME, frames_for_samples
+from .timebase import SAMPLE_RATE, SAMPLES_PER_FRAME, frames_for_samples
 
 ROWS_PER_FRAME = {"hubert": 2, "mfcc": 4}     # 50 Hz HuBERT rows, 100 Hz MFCC rows
 NORMALIZE = ("running", "window", "none")
 # Samples past a frame's end that its last row needs: HuBERT row 2i+1 spans [640 i + 320, 640 i + 720);
 # MFCC row 4i+3 spans [640 i + 480, 640 i + 880) and its deltas reach two rows further (+320).
 TAIL = {"hubert": 80, "mfcc": 560}
+STATS_SECONDS = 20      # the running statistics weigh at most this much audio; older audio fades out
 
 
 class RunningStats:
-    """Mean and variance of a stream, merged array by array in float64 (Chan et al.'s parallel Welford)."""
+    """Mean and variance of a stream, merged array by array in float64 (Chan et al.'s parallel Welford).
+    With ``cap`` samples, the statistics keep the weight of at most that many: older audio is scaled down
+    as newer is merged (mean unchanged, the sum of squares and the count shrunk alike)."""
 
-    def __init__(self):
+    def __init__(self, cap: int | None = None):
         self.n, self.mean, self.m2 = 0, 0.0, 0.0
+        self.cap = cap
 
     def add(self, x: np.ndarray) -> None:
         if x.size == 0:
             return
         x = x.astype(np.float64)
         n, mean = x.size, float(x.mean())
+        if self.cap is not None and self.n + n > self.cap and self.n:
+            keep = max(self.cap - n, 0) / self.n       # the old audio's share of the window
+            self.n, self.m2 = self.n * keep, self.m2 * keep
         total, delta = self.n + n, mean - self.mean
         self.m2 += float(((x - mean) ** 2).sum()) + delta * delta * self.n * n / total
         self.mean += delta * n / total
         self.n = total
 
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / max(self.n, 1) + 1e-7)
+
     def normalize(self, x: np.ndarray) -> np.ndarray:
         """(N,) float32 -> (N,) float32 with the official formula and these statistics."""
-        scale = np.float32(math.sqrt(self.m2 / max(self.n, 1) + 1e-7))
+        scale = np.float32(self.std)
         return (x - np.float32(self.mean)) / scale
 
 
@@ -107,13 +123,15 @@ class StreamingFeatures:
             # the same model without the frontend's own whole-input normalisation: we normalise here
             self._raw = HubertFrontend(frontend.model, do_normalize=False)
         self.frames_done = 0          # index of the next frame to emit, counted over all segments
-        self._stats = RunningStats()
+        self._stats = RunningStats(STATS_SECONDS * SAMPLE_RATE)
+        self.last_stats = None        # (mean, std) the last HuBERT block was normalised with
         self._new_segment()
 
     def _new_segment(self) -> None:
         self._origin = self.frames_done   # global index of this segment's frame 0
-        self._chunks: list[np.ndarray] = []   # pushed, not joined yet (cheap 1 ms pushes)
+        self._chunks: list[tuple[np.ndarray, bool]] = []   # (samples, idle) pushed, not joined yet
         self._audio = np.zeros(0, np.float32)
+        self._idle = np.zeros(0, bool)    # which of self._audio's samples were pushed as idle silence
         self._audio_frame = 0         # segment frame at which self._audio starts
         self._next = 0                # segment frame where the next block starts
         self._stat_frames = 0         # segment frames folded into the running statistics
@@ -124,11 +142,12 @@ class StreamingFeatures:
         """Samples pushed into the current segment (padding and dropped audio excluded)."""
         return self._samples
 
-    def push(self, samples: np.ndarray) -> None:
-        """Append float32 mono 16 kHz samples (copied: callers may reuse their buffer)."""
+    def push(self, samples: np.ndarray, idle: bool = False) -> None:
+        """Append float32 mono 16 kHz samples (copied: callers may reuse their buffer). idle: silence fed
+        while nobody speaks; it is audio for HuBERT but not for the normalisation statistics."""
         x = np.array(samples, dtype=np.float32).reshape(-1)
         if x.size:
-            self._chunks.append(x)
+            self._chunks.append((x, bool(idle)))
             self._samples += x.size
 
     def ready(self) -> list[tuple[int, torch.Tensor]]:
@@ -142,7 +161,7 @@ class StreamingFeatures:
         """End of the utterance: pad the last partial frame with silence and emit the remaining blocks
         (the last may be shorter; lookahead stops at the end). A new segment starts afterwards."""
         total = frames_for_samples(self._samples)
-        self._chunks.append(np.zeros(total * SAMPLES_PER_FRAME - self._samples, np.float32))
+        self._chunks.append((np.zeros(total * SAMPLES_PER_FRAME - self._samples, np.float32), False))
         out = self._emit(total)
         self._new_segment()
         return out
@@ -154,7 +173,8 @@ class StreamingFeatures:
     def _emit(self, total: int | None) -> list[tuple[int, torch.Tensor]]:
         """Compute the blocks that can be computed; total: the segment's frame count once it ended."""
         if self._chunks:
-            self._audio = np.concatenate([self._audio, *self._chunks])
+            self._audio = np.concatenate([self._audio, *(x for x, _ in self._chunks)])
+            self._idle = np.concatenate([self._idle, *(np.full(len(x), idle) for x, idle in self._chunks)])
             self._chunks = []
         have = self._audio_frame * SAMPLES_PER_FRAME + len(self._audio)    # samples in this segment
         tail = TAIL[self.audio]
@@ -179,6 +199,7 @@ class StreamingFeatures:
             # keep only what later windows can use: the next block's left context onwards
             drop = max(0, end - self.context) - self._audio_frame
             self._audio = self._audio[drop * SAMPLES_PER_FRAME:]
+            self._idle = self._idle[drop * SAMPLES_PER_FRAME:]
             self._audio_frame += drop
         return out
 
@@ -197,14 +218,17 @@ class StreamingFeatures:
         elif self.normalize == "running":
             # fold in the audio up to this block's lookahead end, once: statistics are frozen per block
             a, b = self._stat_frames * SAMPLES_PER_FRAME, stop * SAMPLES_PER_FRAME
-            self._stats.add(self._samples_between(a, b))
+            if b > a:
+                self._stats.add(self._samples_between(a, b)[~self._samples_between(a, b, self._idle)])
             self._stat_frames = max(self._stat_frames, stop)
             x = self._stats.normalize(x)
+            self.last_stats = (self._stats.mean, self._stats.std)
         states = self._raw.states(x)                         # (L+1, 2W + 1, H), last row repeated
         # float32 as hubert_model_input gives it (a caller's bf16 autocast changes only the compute)
         return states[:, rows * lo:rows * hi].to(torch.float32, copy=True)
 
-    def _samples_between(self, a: int, b: int) -> np.ndarray:
-        """Segment samples [a, b) (a view; a is at or after the start of the kept audio)."""
+    def _samples_between(self, a: int, b: int, of: np.ndarray | None = None) -> np.ndarray:
+        """Segment samples [a, b) (a view; a is at or after the start of the kept audio), or the same
+        span of ``of``, an array parallel to them."""
         offset = self._audio_frame * SAMPLES_PER_FRAME
-        return self._audio[a - offset:max(a, b) - offset]
+        return (self._audio if of is None else of)[a - offset:max(a, b) - offset]

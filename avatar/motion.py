@@ -102,14 +102,17 @@ class MotionStream:
         self.tail = alpha0.reshape(1, 1, -1)
         self.pending: Optional[Tensor] = None     # last window's lookahead prediction (1, la, M)
 
-    def reset(self, start: Optional[int] = None) -> None:
-        """Interrupt: forget the context and the lookahead, keep the last committed code as the hint.
+    def reset(self, start: Optional[int] = None, code: Optional[Tensor] = None) -> None:
+        """Interrupt: forget the context and the lookahead; the next window's hint is ``code`` (the code of
+        the frame the viewer saw last: frames computed but never shown must not pull the head along),
+        else the last committed code.
 
         The next window starts at ``start`` (default: the next frame) with no context, so it needs no
         audio from before the interrupt, and continues from the code the head shows now.
         """
         self.next = self.next if start is None else start
-        self.tail = self.tail[:, -1:]
+        self.tail = self.tail[:, -1:] if code is None else \
+            torch.as_tensor(code, dtype=self.tail.dtype).reshape(1, 1, -1).to(self.tail.device)
         self.pending = None
 
     @property

@@ -36,6 +36,14 @@ class Timings:
         return "\n".join(rows + [f"  {'total':<10} {total:8.2f} s"])
 
 
+def _stream(animator, wave: np.ndarray, step: int):
+    """Push ``wave`` in chunks of ``step`` samples as a live source would, then flush: the lists of frames
+    the engine returns, ceil(len(wave) / 640) frames in all."""
+    for i in range(0, len(wave), step):
+        yield animator.push(AudioChunk(wave[i:i + step], i))
+    yield animator.flush()
+
+
 def render_file_streaming(animator, original, box, audio_path, out_path, *, paste_back: bool = False,
                           chunk_ms: int = 20, progress: bool = True) -> Timings:
     """Render a file through the streaming engine: the audio is pushed in ``chunk_ms`` chunks as a live
@@ -46,8 +54,7 @@ def render_file_streaming(animator, original, box, audio_path, out_path, *, past
 
     def frames():  # written as they come, so a long file never sits in memory
         with tqdm(total=-(-len(wave) // 640), desc="stream", unit="frame", disable=not progress) as bar:
-            for i in range(0, len(wave) + 1, step):
-                out = animator.push(AudioChunk(wave[i:i + step], i)) if i < len(wave) else animator.flush()
+            for out in _stream(animator, wave, step):
                 bar.update(len(out))
                 for f in out:
                     yield paste(f.image) if paste is not None else f.image
@@ -129,8 +136,7 @@ def reenact_file(models: Models, portrait_path, video_path, out_path, *, config:
         def out_frames():
             with tqdm(total=-(-n_samples // SAMPLES_PER_FRAME), desc="reenact", unit="frame",
                       disable=not progress) as bar:
-                for i in range(0, n_samples + 1, step):
-                    out = animator.push(AudioChunk(track[i:i + step], i)) if i < n_samples else animator.flush()
+                for out in _stream(animator, track, step):
                     bar.update(len(out))
                     for f in out:
                         yield paste(f.image) if paste is not None else f.image

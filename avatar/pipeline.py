@@ -150,7 +150,17 @@ def encode_portrait(models: Models, image: torch.Tensor) -> PortraitCode:
     return PortraitCode(wa, alpha0, feats)
 
 
+CONTROL_RANGES = {"pose": (-1.0, 1.0), "location": (0.0, 1.0), "scale": (0.0, 1.0)}
+
+
+def control_names(models: Models) -> tuple[str, ...]:
+    """The controls the loaded stage-2 model takes: () audio_only, (pose,) pose_only, all three full_control."""
+    return tuple(name for name, _, _ in models.stage2.adapters) if models.stage2 is not None else ()
+
+
 def check_controls(models: Models, controls: Controls) -> None:
+    """Refuse, with one line that says what to do, a control the model lacks or a value it was not
+    trained on (not finite, or outside the normalised range)."""
     require_stage2(models)
     kind = models.stage2.dims.control
     if controls.pose is not None and kind == "audio_only":
@@ -159,6 +169,16 @@ def check_controls(models: Models, controls: Controls) -> None:
     if (controls.location is not None or controls.scale is not None) and kind != "full_control":
         raise AnitalkerError(f"the {models.infer_type} model has no face location/scale control; use a "
                              "full_control model (--infer-type hubert_full_control)")
+    for name, (lo, hi) in CONTROL_RANGES.items():
+        value = getattr(controls, name)
+        if value is None:
+            continue
+        a = np.asarray(value, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise AnitalkerError(f"{name} must be finite numbers, got {value!r}")
+        if a.min(initial=lo) < lo or a.max(initial=hi) > hi:
+            unit = " (degrees / 90)" if name == "pose" else ""
+            raise AnitalkerError(f"{name} must lie within [{lo:g}, {hi:g}]{unit}, got {value!r}")
 
 
 @torch.inference_mode()

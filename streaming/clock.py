@@ -13,6 +13,8 @@ The time source is injectable: RealTime for use, FakeTime (virtual seconds) for 
 from __future__ import annotations
 
 import asyncio
+import collections
+import threading
 import time
 from dataclasses import dataclass
 
@@ -30,29 +32,67 @@ class RealTime:
     def now(self) -> float:
         return time.monotonic()
 
+    def spend(self, seconds: float) -> None:
+        """Compute that takes this long (test engines): here, a real sleep."""
+        time.sleep(seconds)
+
     async def sleep_until(self, t: float) -> None:
         # yields even when already late, so consumers and the source reader still get their turn
         await asyncio.sleep(max(0.0, t - time.monotonic()))
 
 
 class FakeTime:
-    """Virtual seconds that jump straight to each deadline. jitter() -> extra lateness of one wake-up
-    (simulates a busy scheduler). settle, if set, is awaited before time moves, so the engine thread has
-    answered everything it was given: a fake clock is then as fast as the CPU and still deterministic."""
+    """Virtual seconds that jump straight to each deadline: fast and deterministic.
+
+    jitter() -> extra lateness of one wake-up (simulates a busy scheduler). The engine runs on its own
+    thread, as it does in real time: a test engine that calls spend(s) from that thread is busy for s
+    virtual seconds while the clock goes on ticking (releasing frames, feeding audio), so an engine slower
+    than real time behaves as it would on a slow machine. Before time moves to a deadline, settle() (set by
+    the session) waits until the engine thread is idle with every answer delivered, or blocked in spend();
+    an engine that wakes before the deadline is woken at its own wake time first. Engines that do not call
+    spend() take no virtual time at all.
+    """
     virtual = True
 
     def __init__(self, start: float = 0.0, jitter=None):
         self.t = float(start)
         self.jitter = jitter
-        self.settle = None
+        self.settle = None            # async () -> None, waits until the engine is idle or in spend()
+        self.on_block = None          # called (engine thread) when the engine starts waiting in spend()
+        self.blocked_until = None     # the wake time of the engine waiting in spend(), else None
+        self.on_advance = []          # callables(t) run each time the clock moves (device doubles)
+        self._cond = threading.Condition()
 
     def now(self) -> float:
         return self.t
 
+    def spend(self, seconds: float) -> None:
+        """Engine thread: block until the clock has moved `seconds` past now."""
+        with self._cond:
+            wake = self.t + seconds
+            if seconds <= 0:
+                return
+            self.blocked_until = wake
+            if self.on_block is not None:
+                self.on_block()
+            while self.t < wake:
+                self._cond.wait()
+
     async def sleep_until(self, t: float) -> None:
-        if self.settle is not None:
-            await self.settle()
-        self.t = max(self.t, t) + (self.jitter() if self.jitter else 0.0)
+        while True:
+            if self.settle is not None:
+                await self.settle()
+            wake = self.blocked_until
+            if wake is None or wake > t:
+                break
+            with self._cond:                  # run the engine up to its wake time, then settle again
+                self.t, self.blocked_until = max(self.t, wake), None
+                self._cond.notify_all()
+        with self._cond:
+            self.t = max(self.t, t) + (self.jitter() if self.jitter else 0.0)
+            self._cond.notify_all()
+        for advance in list(self.on_advance):
+            advance(self.t)
         await asyncio.sleep(0)
 
 
@@ -65,11 +105,77 @@ class ClockStats:
     slips: int = 0               # re-anchors after falling more than MAX_LATE_S behind
 
 
+class Outlet:
+    """One sink's own ordered queue and task, so a slow sink delays only itself: the clock hands a frame
+    over without waiting, and the sink writes its frames in order. A sink that falls ``max_queue`` frames
+    behind (``sink.max_queue``, default 50) loses its oldest ones, counted in ``dropped``."""
+
+    def __init__(self, sink):
+        self.sink = sink
+        self.q = collections.deque()
+        self.max_queue = int(getattr(sink, "max_queue", 50))
+        self.dropped = 0
+        self.error = None
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = self._opened = False
+        self._task = None
+
+    def put(self, frame: AvFrame, spec: StreamSpec) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run(spec))
+        if len(self.q) >= self.max_queue:
+            self.q.popleft()
+            self.dropped += 1
+        self.q.append(frame)
+        self._idle.clear()
+        self._wake.set()
+
+    async def _run(self, spec: StreamSpec) -> None:
+        try:
+            await self.sink.open(spec)
+            self._opened = True
+            while True:
+                while not self.q:
+                    self._idle.set()
+                    if self._closing:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                await self.sink.write(self.q.popleft())
+        except Exception as e:           # noqa: BLE001 -- the clock raises it on its next slot
+            self.error = e
+            self.q.clear()
+            self._idle.set()
+
+    async def drained(self) -> None:
+        await self._idle.wait()
+
+    async def aclose(self, failed: bool = False) -> None:
+        """Write what is queued, then close the sink; failed: the session ended on an error or a signal,
+        so a sink that can (a file) discards its output instead of finishing it."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            if failed:
+                self.q.clear()
+            await self._task
+        if self._opened:
+            abort = getattr(self.sink, "abort", None)
+            await (abort() if failed and abort is not None else self.sink.aclose())
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
 class Clock:
     """Run with next_frame(k) -> AvFrame (show it) | None (nothing ready: repeat) | DONE (stop).
 
-    Sinks are opened with the first frame's size and get frames re-stamped with the slot number k.
-    on_release(frame, t), if given, sees every released frame with its release time (metrics).
+    Sinks are opened with the first frame's size and get frames re-stamped with the slot number k, each
+    through its own Outlet. on_release(frame, t), if given, sees every released frame with its release
+    time (metrics). A sink that fails ends the run with its error at the next slot.
     """
 
     def __init__(self, sinks=(), time_source=None, on_release=None):
@@ -80,7 +186,7 @@ class Clock:
         self.k = 0
         self.slot_time = None    # when the slot being decided is due (next_frame may read it)
         self._last = None        # the last frame drawn: what the viewer sees now
-        self._opened = set()
+        self.outlets: dict[int, Outlet] = {}
 
     async def run(self, next_frame) -> None:
         period = 1.0 / FPS
@@ -123,22 +229,38 @@ class Clock:
         self.stats.frames += 1
         if self.on_release is not None:
             self.on_release(frame, t)
-        for sink in list(self.sinks):
-            if id(sink) not in self._opened:
-                self._opened.add(id(sink))
-                await sink.open(StreamSpec(frame.image.shape[1], frame.image.shape[0]))
-            await sink.write(frame)
+        for outlet in self.outlets.values():
+            if outlet.error is not None:
+                raise outlet.error
+        live = {id(sink) for sink in self.sinks}
+        for key in [k for k in self.outlets if k not in live]:      # a frames() reader that left
+            self.outlets.pop(key).cancel()
+        spec = StreamSpec(frame.image.shape[1], frame.image.shape[0])
+        for sink in self.sinks:
+            if id(sink) not in self.outlets:
+                self.outlets[id(sink)] = Outlet(sink)
+            self.outlets[id(sink)].put(frame, spec)
+
+    async def drained(self) -> None:
+        """Every sink has written what it was given (FakeTime: sinks take no virtual time)."""
+        for outlet in list(self.outlets.values()):
+            await outlet.drained()
 
     @property
     def last_drawn(self) -> AvFrame | None:
         """The frame whose picture the viewer sees now (repeats and held frames show it)."""
         return self._last
 
-    async def aclose(self) -> None:
-        for sink in self.sinks:
-            if id(sink) in self._opened:
-                await sink.aclose()
-        self._opened.clear()
+    async def aclose(self, failed: bool = False) -> None:
+        outlets, self.outlets = list(self.outlets.values()), {}
+        errors = []
+        for outlet in outlets:
+            try:
+                await outlet.aclose(failed)
+            except Exception as e:      # noqa: BLE001 -- close every sink, then report the first failure
+                errors.append(e)
+        if errors and not failed:
+            raise errors[0]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from avatar.timebase import FPS, SAMPLES_PER_FRAME, AudioChunk
+from avatar.timebase import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, AudioChunk
 
 END = object()             # the source is exhausted (reader -> feed)
 JITTER_FRAMES = 3          # lead beyond the engine's own latency, against scheduling jitter
@@ -68,6 +68,7 @@ class Feed:
         self.dropped_samples = 0
         self._last_arrival = None
         self._min_out = 0
+        self._work = collections.deque(maxlen=64)   # (samples, seconds) of the engine's recent items
 
     @property
     def in_flight(self) -> int:
@@ -112,14 +113,28 @@ class Feed:
         self.pending = kept
 
     # ---- each slot -----------------------------------------------------------------------------------
+    def note_work(self, samples: int, seconds: float) -> None:
+        self._work.append((samples, seconds))
+
+    @property
+    def load(self) -> float | None:
+        """The engine's compute time per second of audio, over its recent work (at least 1 s of audio);
+        1 or more: it cannot keep up with real time, and more lead would only add latency."""
+        samples = sum(n for n, _ in self._work)
+        return sum(t for _, t in self._work) * SAMPLE_RATE / samples if samples >= SAMPLE_RATE else None
+
     def adapt(self, k: int, out_len: int, missed: bool) -> None:
-        """Learn the lead from the slot just decided: a missed slot lends a frame (bounded); once a second,
-        output the engine kept beyond the jitter margin all second long is paid back."""
+        """Learn the lead from the slot just decided: a slot the engine missed although it had been given
+        its whole lead lends it a frame (bounded; a slot missed for want of input is not the engine's, and
+        an engine slower than real time gains nothing from more lead); once a second, output the engine
+        kept beyond the jitter margin all second long is paid back."""
         self._min_out = min(self._min_out, out_len)
         if k % FPS == 0:
             self.extra -= min(self.extra, max(0, self._min_out - JITTER_FRAMES))
             self._min_out = out_len
-        if missed and self.lead_now < self.max_lead:
+        starved = self.in_flight < self.lead_now * SAMPLES_PER_FRAME
+        load = self.load
+        if missed and not starved and (load is None or load < 1) and self.lead_now < self.max_lead:
             self.extra += 1
 
     def tick(self, slot_time: float, stop_at_end: bool) -> list[tuple[str, AudioChunk | None]]:
@@ -153,8 +168,12 @@ class Feed:
         if self.source_done and stop_at_end:
             self.flushing = True
             return jobs + [("flush", None)]
-        quiet = not self.paced or self._last_arrival is None or \
-            self.time.now() - self._last_arrival > JITTER_FRAMES / FPS
+        # A source that has said nothing yet is waited for (a file starts with its first sample, not with
+        # idle silence); pushed input idles from the start. Then a gap of a few frames is not a pause.
+        if self._last_arrival is None:
+            quiet = self.paced
+        else:
+            quiet = self.time.now() - self._last_arrival > JITTER_FRAMES / FPS
         if quiet and budget >= SAMPLES_PER_FRAME:
             n = budget // SAMPLES_PER_FRAME * SAMPLES_PER_FRAME
             jobs.append(("push", self._chunk(np.zeros(n, np.float32), idle=True)))
@@ -188,12 +207,14 @@ class Feed:
             ended.append(self.marks.popleft()[1])
         return Released(arrival, frozenset(tags), tuple(ended))
 
-    def clear(self) -> None:
-        """Interrupt: drop every queued and in-flight sample; the engine restarts from what was shown."""
-        while not self.inq.empty():
+    def clear(self, queued: bool = True) -> None:
+        """Drop every in-flight sample (the engine restarts from what was shown) and, for an interrupt,
+        every queued one too (queued=False: an engine error lost only what it was computing)."""
+        while queued and not self.inq.empty():
             if self.inq.get_nowait() is END:
                 self.source_done = True
-        self.pending.clear()
+        if queued:
+            self.pending.clear()
         self.arrivals.clear()
         self.marks.clear()
         self.fed = self.released

@@ -1,7 +1,8 @@
 """``anitalker live`` and ``anitalker devices``: one input, one or more outputs, metrics while it runs.
 
 The engine comes from ``animator_factory(args) -> Animator`` so the command line stays independent of how
-the models are loaded; ``--test-pattern`` uses the model-free ToneAnimator to check devices and latency.
+the models are loaded; ``--test-pattern`` uses the model-free SyncAnimator (a flash and a click once a
+second, the frame number in bars) to check devices, latency and A/V sync (the page's ?avsync=1 measures it).
 """
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ def add_live_parser(sub, animator_factory=None):
     p.add_argument("--voice", metavar="V", help="espeak-ng voice for --tts (e.g. en-us, de)")
     p.add_argument("--lead-frames", type=int, help=f"frames fed ahead of the clock (default: the engine's "
                    f"latency + {JITTER_FRAMES})")
-    p.add_argument("--test-pattern", action="store_true", help="no models: frames that show their number "
-                   "(checks devices and timing)")
+    p.add_argument("--test-pattern", action="store_true", help="no models: a flash and a click once a second "
+                   "and the frame number (checks devices, timing and A/V sync; with --serve open the page with "
+                   "?avsync=1 to measure it)")
     p.set_defaults(func=lambda args: cmd_live(args, animator_factory))
     d = sub.add_parser("devices", help="list microphones, speakers, cameras and virtual cameras, with what is missing")
     d.set_defaults(func=cmd_devices)
@@ -136,8 +138,8 @@ def cmd_live(args, animator_factory=None, time_source=None) -> int:
     sinks = prepare_outputs(args)
     source = make_source(args)
     if args.test_pattern:
-        from .testing import ToneAnimator
-        animator = ToneAnimator(size=256)
+        from .testing import SyncAnimator
+        animator = SyncAnimator(size=256)
     elif animator_factory is None:
         raise AnitalkerError("this build has no streaming engine yet; use --test-pattern")
     else:

@@ -16,15 +16,21 @@ been quiet for a second). GET / serves the page (streaming/static, no build step
                                                       plays every sample (files, TTS)
     -> {"op": "say", "text": T}                       (TTS, one sentence at a time)
     -> {"op": "interrupt"}
-    -> {"op": "pose", "yaw": deg, "pitch": deg, "roll": deg}   (all null: predicted from speech)
+    -> {"op": "controls", "yaw": deg, "pitch": deg, "roll": deg, "location": x, "scale": s}
+                                                      keys left out keep their value; null: predicted from
+                                                      speech; degrees within [-90, 90], location and scale
+                                                      within [0, 1]. Only the controls the model has
+                                                      (config's "controls") are accepted
     -> {"op": "calibrate"}                            (reenact --mode relative: the next camera frame is the
                                                       neutral face; an error in absolute mode)
     -> {"op": "stats", ...}                           (the page's getStats figures, kept per client)
-    <- {"op": "config", "ice_servers": [...], "mode": "audio"|"reenact", "camera": bool, "calibrate": bool}
-                                                      once (camera: the server takes the browser's camera;
-                                                      calibrate: reenactment in relative mode)
+    <- {"op": "config", "ice_servers": [...], "mode": "audio"|"reenact", "camera": bool, "calibrate": bool,
+        "controls": ["pose", "location", "scale"]}    once (camera: the server takes the browser's camera;
+                                                      calibrate: reenactment in relative mode; controls: what
+                                                      the loaded model takes, possibly none)
     <- {"op": "metrics", ...} every second
-    <- {"op": "error", "error": why}                  for a bad message; the connection and session go on
+    <- {"op": "error", "error": why}                  for a bad message (to its sender), or an error the
+                                                      engine survived (to everyone); the session goes on
 
 Bounds: 1 MiB per message, max_clients connections; a client that leaves takes its peer connection along.
 Binding an address other than loopback needs a token (?token= on /ws); browsers must come from the
@@ -55,6 +61,12 @@ MAX_TEXT = 5000
 CAMERA_HANDOVER_S = 1.0
 
 
+def _number(v, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+        raise AnitalkerError(f"{what} must be finite numbers, got {v!r}")
+    return float(v)
+
+
 def check_bind(host: str, token: str | None) -> str | None:
     """The token to require: --token, else $ANITALKER_TOKEN; refuse a non-loopback address without one."""
     token = token or os.environ.get("ANITALKER_TOKEN") or None
@@ -78,6 +90,7 @@ class AvatarServer:
         self.clients: set[Client] = set()
         self._speech: set[asyncio.Task] = set()
         self._speech_lock = asyncio.Lock()
+        self._notes: set[asyncio.Task] = set()      # error messages on their way to clients
         self._server = None
 
     @property
@@ -86,12 +99,30 @@ class AvatarServer:
 
     async def start(self) -> AvatarServer:
         from websockets.asyncio.server import serve
+        self.session.on_error.append(self._engine_error)
         self._server = await serve(self._client, self.host, self.port, process_request=self._http,
                                    max_size=MAX_MESSAGE, max_queue=16)
         self.port = self._server.sockets[0].getsockname()[1]       # port 0: the one the OS chose
         return self
 
+    def _engine_error(self, message: str) -> None:
+        """An error the session survived: every client hears it once."""
+        for client in list(self.clients):
+            task = asyncio.ensure_future(self._send(client.ws, {"op": "error", "error": message}))
+            self._notes.add(task)
+            task.add_done_callback(self._notes.discard)
+
+    @staticmethod
+    async def _send(ws, msg: dict) -> None:
+        from websockets.exceptions import ConnectionClosed
+        try:
+            await ws.send(json.dumps(msg))
+        except ConnectionClosed:
+            pass
+
     async def aclose(self) -> None:
+        if self._engine_error in self.session.on_error:
+            self.session.on_error.remove(self._engine_error)
         for task in list(self._speech):
             task.cancel()
         if self._server is not None:
@@ -135,8 +166,9 @@ class AvatarServer:
                     if v} for s in self.sink.ice]
             mode = "reenact" if hasattr(self.session.animator, "calibrate") else "audio"
             await ws.send(json.dumps({"op": "config", "ice_servers": ice, "mode": mode,
-                                      "camera": self.camera is not None, "calibrate": self._calibrates()}))
-            async for message in ws:
+                                      "camera": self.camera is not None, "calibrate": self._calibrates(),
+                                      "controls": list(self.session.controls)}))
+            async for message in self._messages(ws):
                 try:
                     if isinstance(message, bytes):
                         self._pcm(client, message)
@@ -152,6 +184,17 @@ class AvatarServer:
                 self.session.close_stream(stream)
             if client.pc is not None:
                 await self.sink.disconnect(client.pc)
+
+    @staticmethod
+    async def _messages(ws):
+        """The client's messages until it leaves; a connection that drops without a close frame is one
+        line in the log, not a traceback."""
+        from websockets.exceptions import ConnectionClosedError
+        try:
+            async for message in ws:
+                yield message
+        except ConnectionClosedError as e:
+            log.info("client %s left without closing: %s", ws.remote_address, e)
 
     async def _command(self, client: Client, msg) -> None:
         op = msg.get("op") if isinstance(msg, dict) else None
@@ -182,8 +225,8 @@ class AvatarServer:
             for task in list(self._speech):
                 task.cancel()
             self.session.interrupt()
-        elif op == "pose":
-            self._pose(msg)
+        elif op == "controls":
+            self._controls(msg)
         elif op == "calibrate":
             if not hasattr(self.session.animator, "calibrate"):
                 raise AnitalkerError("calibrate needs reenactment (anitalker reenact); this avatar is driven by audio")
@@ -194,7 +237,7 @@ class AvatarServer:
         elif op == "stats":
             client.stats = {k: v for k, v in msg.items() if k != "op"}
         else:
-            raise AnitalkerError(f"unknown op {op!r}; use offer, audio, say, interrupt, pose, calibrate or stats")
+            raise AnitalkerError(f"unknown op {op!r}; use offer, audio, say, interrupt, controls, calibrate or stats")
 
     def _calibrates(self) -> bool:
         """Whether calibrate does something: a reenactment in relative mode (absolute mode ignores it)."""
@@ -231,17 +274,30 @@ class AvatarServer:
             except AnitalkerError as e:
                 await ws.send(json.dumps({"op": "error", "error": str(e)}))
 
-    def _pose(self, msg) -> None:
-        animator = self.session.animator
-        if not hasattr(animator, "set_controls"):
-            raise AnitalkerError("this animator has no head-pose control")
+    def _controls(self, msg: dict) -> None:
+        """Validated here, so a control the model lacks or a bad value is this client's error reply and
+        never reaches the engine."""
         from dataclasses import replace
+
+        from avatar.pipeline import Controls
+        unknown = set(msg) - {"op", "yaw", "pitch", "roll", "location", "scale"}
+        if unknown:
+            raise AnitalkerError(f"controls takes yaw, pitch, roll, location and scale, not {', '.join(sorted(unknown))}")
+        changes = {}
         axes = [msg.get(k) for k in ("yaw", "pitch", "roll")]
-        if all(a is None for a in axes):
-            pose = None
-        else:       # degrees, normalised as the model was trained (/90, within [-1, 1])
-            pose = np.clip(np.array([float(a or 0) for a in axes], np.float32) / 90, -1, 1)
-        animator.set_controls(replace(animator.controls, pose=pose))   # taken up from the next hop
+        if any(k in msg for k in ("yaw", "pitch", "roll")):
+            if all(a is None for a in axes):
+                changes["pose"] = None
+            else:
+                deg = np.array([0.0 if a is None else _number(a, "yaw, pitch and roll") for a in axes])
+                if np.abs(deg).max() > 90:
+                    raise AnitalkerError(f"yaw, pitch and roll are degrees within [-90, 90], got {deg.tolist()}")
+                changes["pose"] = (deg / 90).astype(np.float32)   # normalised as the model was trained
+        for k in ("location", "scale"):
+            if k in msg:
+                changes[k] = None if msg[k] is None else _number(msg[k], k)
+        current = getattr(self.session.animator, "controls", None) or Controls()
+        self.session.set_controls(replace(current, **changes))   # checks the model has them; next hop
 
     async def _metrics(self, ws) -> None:
         from websockets.exceptions import ConnectionClosed

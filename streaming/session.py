@@ -66,6 +66,7 @@ class Session:
         self._ended = False
         self._push_resamplers = {}
         self._fatal = None
+        self._aborted = False
 
     @property
     def lead(self) -> int:
@@ -81,16 +82,19 @@ class Session:
         loop = asyncio.get_running_loop()
         if getattr(self.time, "virtual", False):
             self.time.settle = self._settle
+            self.time.on_block = lambda: loop.call_soon_threadsafe(self._progress.set)
         self.worker = EngineWorker(self.animator, loop, lambda: self._gen, self._on_frame, self._on_done,
-                                   self._on_engine_error).start()
+                                   self._on_engine_error, self.time.now).start()
         reader = asyncio.create_task(self._read(source)) if source is not None else None
         await asyncio.sleep(0)                    # let the reader queue what it already has
+        failed = True
         try:
             await self.clock.run(self._tick)
+            failed = self._fatal is not None or self._aborted
         finally:
             if reader is not None:
                 reader.cancel()
-            await self.clock.aclose()
+            await self.clock.aclose(failed)
             await asyncio.to_thread(self.worker.stop)
         if self._fatal is not None:
             raise self._fatal
@@ -165,10 +169,11 @@ class Session:
         if hasattr(self.source, "interrupt"):
             self.source.interrupt()
 
-    def _restart(self) -> None:
-        """Forget everything queued and in flight; the engine continues from the picture shown last."""
+    def _restart(self, queued: bool = True) -> None:
+        """Forget what is in flight (and queued, for an interrupt); the engine continues from the picture
+        shown last."""
         self._gen += 1
-        self.feed.clear()
+        self.feed.clear(queued)
         self._out.clear()
         if self.worker is not None:
             self.worker.discard_queued()
@@ -185,9 +190,12 @@ class Session:
         finally:
             self.clock.sinks.remove(sink)
 
-    def stop(self) -> None:
+    def stop(self, abort: bool = False) -> None:
+        """End the session at the next slot. abort: it was cut short (a signal), so outputs that can be
+        discarded (a file) are discarded rather than finished."""
         self._ended, self.feed.source_done, self._out = True, True, collections.deque()
         self.stop_at_end = True
+        self._aborted = self._aborted or abort
 
     async def __aenter__(self):
         self._task = asyncio.create_task(self.run(stop_at_end=False))
@@ -235,9 +243,10 @@ class Session:
             return
         self._out.append(frame)
 
-    def _on_done(self, gen: int, kind: str) -> None:
+    def _on_done(self, gen: int, kind: str, samples: int, seconds: float) -> None:
         self.worker.done += 1
         self._progress.set()
+        self.feed.note_work(samples, seconds)
         if kind == "flush" and gen == self._gen:
             self._ended = True
 
@@ -247,7 +256,7 @@ class Session:
             return
         self._report(e)
         if gen == self._gen:          # what was in flight is lost: start again from what is shown
-            self._restart()
+            self._restart(queued=False)
 
     def _report(self, e: BaseException) -> None:
         self.metrics.error(e)
@@ -255,10 +264,12 @@ class Session:
             callback(self.metrics.last_error)
 
     async def _settle(self) -> None:
-        """FakeTime: before virtual time moves on, the engine has answered everything it was given."""
-        while self.worker.done < self.worker.sent and self._fatal is None:
+        """FakeTime: before virtual time moves on, the engine has answered everything it was given, or is
+        busy (spending virtual time) past the next deadline."""
+        while self.worker.done < self.worker.sent and self._fatal is None and self.time.blocked_until is None:
             self._progress.clear()
             await self._progress.wait()
+        await self.clock.drained()
 
     async def _read(self, source) -> None:
         live = bool(getattr(source, "live", False))

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 _STOP = object()
 FATAL_AFTER = 3
 
 
 class EngineWorker:
-    """on_frame(gen, frame), on_done(gen, kind), on_error(gen, exc, fatal) run on the loop's thread."""
+    """on_frame(gen, frame), on_done(gen, kind, samples, seconds), on_error(gen, exc, fatal) run on the
+    loop's thread; on_done says how much audio the item held and how long it took on the clock ``now``."""
 
-    def __init__(self, animator, loop, current_gen, on_frame, on_done, on_error):
-        self.animator, self.loop, self.current_gen = animator, loop, current_gen
+    def __init__(self, animator, loop, current_gen, on_frame, on_done, on_error, now=time.monotonic):
+        self.animator, self.loop, self.current_gen, self.now = animator, loop, current_gen, now
         self.on_frame, self.on_done, self.on_error = on_frame, on_done, on_error
         self._q: queue.Queue = queue.Queue()
         self.sent = 0                   # items submitted
@@ -64,6 +66,7 @@ class EngineWorker:
             if item is _STOP:
                 return
             kind, gen, payload = item
+            t0 = self.now()
             try:
                 if gen == self.current_gen():        # skip work queued before an interrupt
                     self._do(kind, gen, payload)
@@ -74,9 +77,10 @@ class EngineWorker:
                 fatal = failures >= FATAL_AFTER or isinstance(e, MemoryError)
                 self._answer(self.on_error, gen, e, fatal)
                 if fatal:
-                    self._answer(self.on_done, gen, kind)
+                    self._answer(self.on_done, gen, kind, 0, 0.0)
                     return
-            if not self._answer(self.on_done, gen, kind):
+            samples = len(payload.samples) if kind == "push" else 0
+            if not self._answer(self.on_done, gen, kind, samples, self.now() - t0):
                 return
 
     def _do(self, kind: str, gen: int, payload) -> None:

@@ -89,6 +89,44 @@ def test_reset_drops_pending_audio_and_keeps_the_last_code(engine):
     assert [f.pts for f in more] == list(range(frames[-1].pts + 1, frames[-1].pts + 21))
 
 
+def test_reset_continues_from_the_frame_the_viewer_saw_last(engine):
+    """Frames carry their motion code; reset(last) makes that code the next window's hint, so frames that
+    were computed but never shown do not pull the head along."""
+    animator, frames = stream(engine, tone(1.6), 640, flush=False)
+    assert all(f.meta["motion"].shape == (20,) for f in frames)
+    shown = frames[3]
+    assert not np.array_equal(animator.motion.last_code[0].numpy(), shown.meta["motion"])
+    animator.reset(shown)
+    np.testing.assert_array_equal(animator.motion.last_code[0].numpy(), shown.meta["motion"])
+    hints = []
+    step = animator.motion.step
+    animator.motion.step = lambda *a, **k: (hints.append(animator.motion.tail[:, 0].clone()), step(*a, **k))[1]
+    animator.push(AudioChunk(tone(0.8), 0))
+    np.testing.assert_array_equal(hints[0][0].numpy(), shown.meta["motion"])
+
+
+def test_controls_the_model_lacks_or_out_of_range_are_refused_at_the_call(tiny_checkpoints, engine):
+    from avatar.pipeline import encode_portrait
+    from models.errors import AnitalkerError
+
+    audio_only = load_models(tiny_checkpoints, "hubert_audio_only", "cpu")
+    animator = StreamingAnimator(audio_only, encode_portrait(audio_only, torch.zeros(1, 3, 256, 256)))
+    assert animator.control_names == ()
+    with pytest.raises(AnitalkerError, match="no pose control"):
+        animator.set_controls(Controls(pose=np.zeros(3, np.float32)))
+    full = StreamingAnimator(*engine)
+    assert full.control_names == ("location", "scale", "pose") or set(full.control_names) == {"location", "scale", "pose"}
+    for bad, why in ((Controls(location=float("nan")), "finite"), (Controls(scale=1.5), "within"),
+                     (Controls(pose=np.array([2.0, 0, 0], np.float32)), "within"),
+                     (Controls(pose=np.array([0, np.inf, 0], np.float32)), "finite")):
+        with pytest.raises(AnitalkerError, match=why):
+            full.set_controls(bad)
+    assert full.controls == Controls()                  # a refused control changes nothing
+    with pytest.raises(AnitalkerError, match="no pose control"):
+        StreamingAnimator(audio_only, encode_portrait(audio_only, torch.zeros(1, 3, 256, 256)),
+                          controls=Controls(pose=np.zeros(3, np.float32)))
+
+
 def test_controls_change_between_hops(engine):
     wave = tone(1.6)
     _, base = stream(engine, wave, 640, StreamConfig(steps=5))

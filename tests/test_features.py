@@ -186,3 +186,49 @@ def test_bad_arguments_are_user_errors(frontend):
         StreamingFeatures(None, "hubert")
     with pytest.raises(AnitalkerError, match="block"):
         StreamingFeatures(frontend, block=0)
+
+
+def block_stats(sf: StreamingFeatures, wave: np.ndarray, chunk: int = 640, idle: bool = False) -> list:
+    """Push wave; the (mean, std) each HuBERT block that came out was normalised with."""
+    out = []
+    for i in range(0, len(wave), chunk):
+        sf.push(wave[i:i + chunk], idle=idle)
+        out += [sf.last_stats for _ in sf.ready()]
+    return out
+
+
+def test_idle_silence_does_not_change_how_speech_is_normalised(frontend):
+    """Five minutes of idle silence (what a session feeds while nobody speaks) before an utterance: every
+    block of the utterance is normalised exactly as without the idle stretch, and by the end of the
+    utterance within float32 rounding of the whole-utterance statistics. Counted as audio, the idle zeros
+    would have shrunk the statistics about 3.5-fold (the failure this guards against)."""
+    wave = speech(16000 * 3)
+    ref_std = float(np.sqrt(wave.astype(np.float64).var() + 1e-7))
+    fresh = block_stats(StreamingFeatures(frontend), wave)
+    after_idle = StreamingFeatures(frontend)
+    block_stats(after_idle, np.zeros(16000 * 300, np.float32), chunk=6400, idle=True)
+    idled = block_stats(after_idle, wave)
+    assert len(idled) >= len(fresh) - 1 >= 4
+    for (m0, s0), (m1, s1) in zip(fresh[-len(idled):], idled[-len(fresh):]):
+        assert abs(s1 / s0 - 1) < 1e-9 and abs(m1 - m0) < 1e-9
+    tail = after_idle.finish()
+    assert tail and abs(after_idle.last_stats[1] / ref_std - 1) < 1e-4
+    counted = StreamingFeatures(frontend)                 # the same idle stretch counted as speech
+    block_stats(counted, np.zeros(16000 * 300, np.float32), chunk=6400)
+    assert block_stats(counted, wave)[-1][1] < ref_std / 2
+
+
+def test_running_statistics_follow_the_speaker_over_a_long_session(frontend):
+    """The statistics keep about STATS_SECONDS of speech: after a minute at one level and then the same
+    speech 4x louder for three such windows, blocks are normalised within 5 % of the loud speech's own
+    statistics; averaging in the quiet minute, as statistics without forgetting do, is 20 % off."""
+    from avatar.features import STATS_SECONDS
+    quiet = speech(16000 * 60, seed=1) * 0.25
+    loud = speech(16000 * 3 * STATS_SECONDS, seed=2)
+    sf = StreamingFeatures(frontend)
+    block_stats(sf, quiet, chunk=16000)
+    last = block_stats(sf, loud, chunk=16000)[-1][1]
+    own = np.sqrt(loud.astype(np.float64).var())
+    assert abs(last / own - 1) < 0.05
+    everything = np.sqrt(np.concatenate([quiet, loud]).astype(np.float64).var())
+    assert abs(everything / own - 1) > 0.2

@@ -172,3 +172,15 @@ def test_render_streaming_through_the_engine(tiny_checkpoints, speech, tmp_path)
     samples = len(load_audio(speech))
     assert info["frames"] == -(-samples // 640)      # every sample shown: the last frame padded with silence
     assert abs(info["audio_seconds"] - info["frames"] / 25) < 0.03
+
+
+@pytest.mark.parametrize("hop,lookahead", [(10, 5), (25, 5), (7, 0)])
+def test_render_streaming_writes_the_whole_stream(tiny_checkpoints, tmp_path, hop, lookahead):
+    """A length that is not a multiple of the 20 ms push chunk nor of a frame: the last partial window is
+    flushed, ceil(samples / 640) frames come out, and the audio is as long as the video."""
+    wav, out = write_wav(tmp_path / "odd.wav", tone(3.963)), tmp_path / "odd.mp4"
+    assert run("render", "--checkpoints", tiny_checkpoints, "--audio", wav, "-o", out, "--steps", "2",
+               "--streaming", "--hop", str(hop), "--lookahead", str(lookahead)) == 0
+    info = read_video_info(out)
+    assert info["frames"] == -(-round(3.963 * 16000) // 640) == 100
+    assert abs(info["audio_seconds"] - info["frames"] / 25) < 0.03

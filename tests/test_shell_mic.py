@@ -100,38 +100,3 @@ def test_mic_over_alsa_file_plugin_delivers_known_samples(tmp_path):
     assert r["rate"] == rate and r["peak_hz"] == 440
     assert r["rms"] == pytest.approx(0.5 / np.sqrt(2), rel=0.02)
     # (no device clock here: blocks arrive faster than they are read; the surplus is counted in overflows)
-
-
-SPEAKER = """
-import asyncio, json, numpy as np, pyvirtualcam
-from streaming.session import Session
-from streaming.sinks import SpeakerSink, VirtualCamSink
-from streaming.sources import PcmSource
-from streaming.testing import ToneAnimator
-
-class Cam:
-    frames = 0
-    def __init__(self, **kw): pass
-    def send(self, frame): Cam.frames += 1
-    def close(self): pass
-    def device(self): return "fake"
-    def native_fourcc(self): return None
-
-async def tone():
-    yield 0.2 * np.sin(np.arange(48000) / 48000 * 2 * np.pi * 300), 48000
-
-async def main():
-    pyvirtualcam.register_backend("fake", Cam)
-    speaker, cam = SpeakerSink(latency=0.2), VirtualCamSink(backend="fake")
-    cam.sync_with = speaker
-    m = await Session(ToneAnimator(), [speaker, cam]).run(PcmSource(tone()))
-    print(json.dumps(dict(frames=m["frames"], cam=Cam.frames, hold=cam._hold, latency=speaker.latency_s,
-                          underruns=speaker.underruns)))
-asyncio.run(main())
-"""
-
-
-def test_voice_to_speaker_with_the_camera_held_back_to_match(jack):
-    r = run_py(SPEAKER)
-    assert r["latency"] > 0 and r["hold"] == round(r["latency"] * 25)
-    assert r["cam"] == r["frames"] - r["hold"] and r["frames"] >= 25

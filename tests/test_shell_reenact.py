@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import signal
-import subprocess
 import time
 
 import cv2
@@ -27,7 +24,7 @@ from streaming.cli import build_parser, main
 from streaming.clock import FakeTime
 from streaming.reenact import WebcamCapture, clip_audio, cmd_reenact
 from streaming.session import Session
-from streaming.testing import ToneAnimator
+from streaming.testing import ToneAnimator, chromium
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -284,7 +281,7 @@ def test_preview_hotkey():
     keys = []
     sink = PreviewSink(on_key=keys.append)
     sink._cv2 = Window()
-    asyncio.run(sink.write(AvFrame(np.zeros((8, 8, 3), np.uint8), np.zeros(640, np.float32), 0)))
+    sink.write_sync(AvFrame(np.zeros((8, 8, 3), np.uint8), np.zeros(640, np.float32), 0))
     assert keys == ["c"]
 
 
@@ -334,14 +331,8 @@ def test_browser_camera_drives_the_avatar(tmp_path, engine):
     animator = engine(slot)
 
     async def go(server, session):
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--autoplay-policy=no-user-gesture-required",
-                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                 f"--use-file-for-fake-video-capture={tmp_path / 'camera.y4m'}", "--remote-debugging-port=0"]
-        browser = subprocess.Popen([CHROMIUM, *flags, f"http://127.0.0.1:{server.port}/?camera"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
+        with chromium(f"http://127.0.0.1:{server.port}/?camera", tmp_path / "profile",
+                      f"--use-file-for-fake-video-capture={tmp_path / 'camera.y4m'}"):
             stats = {}
             for _ in range(600):               # 60 s at most; a few seconds when the machine is idle
                 await asyncio.sleep(0.1)
@@ -354,9 +345,6 @@ def test_browser_camera_drives_the_avatar(tmp_path, engine):
             assert animator.stats["driven"] >= 25, animator.stats      # and the face in it was found
             assert stats.get("framesDecoded", 0) >= 25, stats          # the avatar came back
             assert (stats["width"], stats["height"]) == (256, 256)
-        finally:
-            os.killpg(browser.pid, signal.SIGKILL)     # Chromium and its helpers: one group, started here
-            browser.wait(10)
         for _ in range(100):                           # the peer's camera is let go with its connection
             if not server.sink.viewers:
                 break

@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import shutil
-import signal
-import subprocess
 import urllib.request
 
 import numpy as np
+import torch
 import pytest
 
 pytest.importorskip("aiortc")
@@ -19,7 +16,7 @@ pytest.importorskip("websockets")
 from models.errors import AnitalkerError  # noqa: E402
 from streaming.server import AvatarServer, check_bind  # noqa: E402
 from streaming.session import Session  # noqa: E402
-from streaming.testing import ToneAnimator  # noqa: E402
+from streaming.testing import ToneAnimator, chromium  # noqa: E402,F401
 from streaming.webrtc import WebRTCSink  # noqa: E402
 
 
@@ -70,7 +67,7 @@ def test_websocket_api_pushes_audio_and_survives_bad_messages():
             assert json.loads(await ws.recv())["op"] == "config"
             for bad in (b"\x00\x01", "not json", json.dumps({"op": "dance"}), json.dumps([1]),
                         json.dumps({"op": "audio", "rate": 3}), json.dumps({"op": "say"}),
-                        json.dumps({"op": "pose", "yaw": 10})):
+                        json.dumps({"op": "controls", "yaw": 10})):
                 await ws.send(bad)
                 assert (await reply(ws))["op"] == "error", bad
             await ws.send(json.dumps({"op": "audio", "rate": 48000, "format": "f32"}))
@@ -91,13 +88,14 @@ def test_websocket_api_pushes_audio_and_survives_bad_messages():
     served(go)
 
 
-def test_pose_reaches_an_animator_with_controls():
+def test_controls_reach_an_animator_that_has_them():
     from websockets.asyncio.client import connect
 
     from avatar.pipeline import Controls
 
     class Posed(ToneAnimator):
         controls = Controls(scale=0.5)
+        control_names = ("location", "scale", "pose")
 
         def set_controls(self, controls):
             self.controls = controls
@@ -106,16 +104,41 @@ def test_pose_reaches_an_animator_with_controls():
 
     async def go(server, session):
         async with connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
-            await ws.recv()
-            await ws.send(json.dumps({"op": "pose", "yaw": 45, "pitch": -9, "roll": None}))
-            await ws.send(json.dumps({"op": "pose", "yaw": "left"}))
-            assert (await reply(ws))["op"] == "error"        # replies come in order
+            config = json.loads(await ws.recv())
+            assert config["controls"] == ["location", "scale", "pose"]
+            await ws.send(json.dumps({"op": "controls", "yaw": 45, "pitch": -9, "roll": None}))
+            for bad in ({"yaw": "left"}, {"yaw": 120}, {"roll": float("nan")}, {"scale": True}, {"size": 1}):
+                await ws.send(json.dumps({"op": "controls", **bad}))
+                assert (await reply(ws))["op"] == "error"        # replies come in order
             np.testing.assert_allclose(animator.controls.pose, [0.5, -0.1, 0])
             assert animator.controls.scale == 0.5
-            await ws.send(json.dumps({"op": "pose", "yaw": None, "pitch": None, "roll": None}))
+            await ws.send(json.dumps({"op": "controls", "yaw": None, "pitch": None, "roll": None, "location": 0.3}))
             await ws.send(json.dumps({"op": "nope"}))
             await reply(ws)
-            assert animator.controls.pose is None
+            assert animator.controls.pose is None and animator.controls.location == 0.3
+    served(go, animator)
+
+
+def test_a_control_the_model_lacks_is_refused_and_the_server_goes_on(tiny_checkpoints):
+    """The default audio-only model has no pose: the page's pose message is that client's error reply;
+    it never reaches the engine, and the avatar keeps running for everyone."""
+    from websockets.asyncio.client import connect
+
+    from avatar.animator import StreamingAnimator
+    from avatar.pipeline import encode_portrait, load_models
+
+    models = load_models(tiny_checkpoints, "hubert_audio_only", "cpu")
+    animator = StreamingAnimator(models, encode_portrait(models, torch.zeros(1, 3, 256, 256)))
+
+    async def go(server, session):
+        async with connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
+            assert json.loads(await ws.recv())["controls"] == []
+            await ws.send(json.dumps({"op": "controls", "yaw": 10, "pitch": 0, "roll": 0}))
+            msg = await reply(ws)
+            assert msg["op"] == "error" and "no pose control" in msg["error"]
+            frames = session.clock.stats.frames
+            await asyncio.sleep(1.0)
+            assert session.clock.stats.frames > frames + 10 and session.summary()["errors"] == 0
     served(go, animator)
 
 
@@ -156,23 +179,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt install chromium)")
 
 
-@contextlib.contextmanager
-def chromium(url: str, profile):
-    """Headless Chromium on url, its fake microphone (a beep) and camera allowed without asking; killed after."""
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--autoplay-policy=no-user-gesture-required",
-             "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-             "--remote-debugging-port=0"]
-    browser = subprocess.Popen([CHROMIUM, *flags, url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    try:
-        yield browser
-    finally:
-        os.killpg(browser.pid, signal.SIGKILL)       # Chromium and its helpers: one group, started here
-        browser.wait(10)
-
-
 async def until(check, timeout: float) -> bool:
     """Poll check() every 0.1 s until it is true or timeout seconds have passed; its last answer."""
     deadline = asyncio.get_running_loop().time() + timeout
@@ -211,6 +217,7 @@ def test_headless_chromium_plays_the_page(tmp_path):
             assert stats.get("audioSamplesReceived", 0) >= 2 * 48000, stats     # >= 2 s of audio
             assert stats["framesDropped"] <= stats["framesDecoded"] // 4, stats      # lenient: CPU may be busy
             assert (stats["width"], stats["height"]) == (128, 128)
+            assert stats["controlsShown"] == []   # this engine takes no controls: the page shows none
             assert sum(mic_in) > 0            # the fake microphone reached the session
         await all_gone(server)
     served(go)
@@ -259,6 +266,7 @@ def test_the_page_and_the_real_engine(tmp_path, tiny_checkpoints, one_thread):
                 assert stats.get("framesDecoded", 0) >= 50, stats                   # >= 2 s of the engine's video
                 assert stats.get("audioSamplesReceived", 0) >= 2 * 48000, stats
                 assert (stats["width"], stats["height"]) == (size, size), stats
+                assert stats["controlsShown"] == ["yaw", "location", "scale"]   # full_control: all of them
                 assert shapes == {(size, size, 3)}
                 assert sum(mic_in) > 0                        # the fake microphone reached the session ...
                 assert len(beeps) >= 3                        # ... and its beeps came out with the engine's frames

@@ -36,7 +36,7 @@ def test_interrupt_drops_queued_speech_within_one_frame(time_source):
     assert animator.resets == 1
 
 
-def test_engine_error_ends_the_session_with_it():
+def test_an_engine_that_cannot_run_ends_the_session_with_its_error():
     class Broken(ToneAnimator):
         def push(self, chunk):
             raise ValueError("engine broke")
@@ -46,6 +46,36 @@ def test_engine_error_ends_the_session_with_it():
 
     with pytest.raises(ValueError, match="engine broke"):
         asyncio.run(main())
+
+
+@pytest.mark.parametrize("time_source", [FakeTime, RealTime])
+def test_one_failing_item_is_reported_and_the_session_goes_on(time_source):
+    """An error in one piece of work costs that piece (reported once), never the session: the engine is
+    reset and the audio queued after it still plays, at 25 frames a second."""
+    class Flaky(ToneAnimator):
+        calls = 0
+
+        def push(self, chunk):
+            Flaky.calls += 1
+            if Flaky.calls == 8:
+                raise ValueError("one bad window")
+            return super().push(chunk)
+
+    async def main():
+        errors = []
+        async with Session(Flaky(), time_source=time_source()) as avatar:
+            avatar.on_error.append(errors.append)
+            frames = avatar.frames()
+            avatar.push(np.full(SAMPLE_RATE * 2, 0.5, np.float32))
+            out = [await frames.__anext__() for _ in range(75)]
+            await frames.aclose()
+            return out, errors, avatar.summary()
+
+    out, errors, s = asyncio.run(main())
+    assert errors == ["one bad window"] and s["errors"] == 1 and s["last_error"] == "one bad window"
+    assert [f.pts for f in out] == list(range(out[0].pts, out[0].pts + 75))
+    loud = sum(f.audio.any() for f in out)
+    assert 40 <= loud < 50                   # the failed window's audio is lost, the rest plays
 
 
 def test_metrics_measure_latency_and_rate():
@@ -229,3 +259,31 @@ def test_tags_say_which_frames_hold_a_segment_and_where_it_ended():
     assert b[0] == a[-1]                      # the 100 samples of "a" share a frame with the start of "b"
     assert 12 <= len(b) <= 14                 # 0.5 s + the resampler's tail, starting mid-frame
     assert not any(f.meta.get("tags") for f in out[b[-1] + 1:])    # idle silence carries no tag
+
+
+@pytest.mark.parametrize("time_source", [FakeTime, RealTime])
+def test_after_an_interrupt_motion_continues_from_the_frame_shown_last(time_source):
+    """The engine's codes follow a known ramp (one step per frame). Frames computed ahead of the viewer
+    (a 10-frame hop) are dropped by the interrupt, so the engine must continue from the code of the last
+    frame *shown*: the first code after the interrupt is one ordinary step from it, not a jump over the
+    frames the viewer never saw."""
+    from streaming.testing import CODE_STEP
+
+    async def main():
+        async with Session(ToneAnimator(hop=10, latency_frames=10), time_source=time_source()) as avatar:
+            frames = avatar.frames()
+            avatar.push(np.full(SAMPLE_RATE * 4, 0.5, np.float32))
+            shown = []
+            while sum(f.audio.any() for f in shown) < 11:
+                shown.append(await frames.__anext__())
+            avatar.interrupt()
+            after = [await frames.__anext__() for _ in range(30)]
+            await frames.aclose()
+            return shown, after
+
+    shown, after = asyncio.run(main())
+    last = [f for f in shown if not f.meta.get("repeat")][-1].meta["motion"][0]
+    new = [f.meta["motion"][0] for f in after if not f.meta.get("repeat") and "motion" in f.meta]
+    steps = np.diff([last] + new)
+    assert len(new) >= 10
+    assert np.allclose(steps, CODE_STEP, atol=1e-5), steps    # never a jump: each step is one frame's change

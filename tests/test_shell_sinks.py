@@ -128,3 +128,56 @@ def test_virtual_camera_holds_video_back_by_the_voice_delay(tmp_path):
     s = asyncio.run(Session(ToneAnimator(), [sink], time_source=FakeTime())
                     .run(FileSource(write_wav(tmp_path / "a.wav", 1.0))))
     assert len(FakeCamBackend.sent) == s["frames"] - 5          # 200 ms = 5 frames still in the delay line
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_a_slow_sink_does_not_delay_the_others(blocking):
+    """A sink that takes 100 ms per frame (blocking work on its own thread, or an async write that awaits
+    that long) gets its frames late and loses its oldest; a fast sink beside it still gets every frame on
+    time, 40 ms apart."""
+    from streaming.clock import RealTime
+    from streaming.sinks import BlockingSink
+
+    class SlowThread(BlockingSink):
+        max_queue = 10
+        frames = 0
+
+        def write_sync(self, frame):
+            time.sleep(0.1)
+            SlowThread.frames += 1
+
+    class SlowAsync:
+        max_queue = 10
+        frames = 0
+
+        async def open(self, spec): pass
+
+        async def write(self, frame):
+            await asyncio.sleep(0.1)
+            SlowAsync.frames += 1
+
+        async def aclose(self): pass
+
+    class Stamps:
+        def __init__(self):
+            self.times = []
+
+        async def open(self, spec): pass
+
+        async def write(self, frame):
+            self.times.append(time.monotonic())
+
+        async def aclose(self): pass
+
+    slow, fast = (SlowThread() if blocking else SlowAsync()), Stamps()
+
+    async def main():
+        session = Session(ToneAnimator(), [slow, fast], time_source=RealTime())
+        asyncio.get_running_loop().call_later(2.0, session.stop)
+        return await session.run(), session
+
+    s, session = asyncio.run(main())
+    gaps = np.diff(fast.times)
+    assert len(fast.times) == s["frames"] >= 45
+    assert np.median(gaps) == pytest.approx(0.04, abs=0.005) and gaps.max() < 0.09, gaps.max()
+    assert type(slow).frames < 0.7 * len(fast.times)          # it could not keep up, and lost its oldest
