@@ -1,6 +1,6 @@
 """Voice-agent plugins: latency from TTS audio in to the first frame out that carries it.
 
-    python bench/plugins.py [--engines tiny,5/2/5/fp32] [--utterances 3] [--preempt-idle] [--threads N]
+    python bench/plugins.py [--engines tiny,5/2/5/fp32] [--utterances 3] [--modes preempt,queued] [--threads N]
 
 An engine is `tiny` (the test dims) or hop/lookahead/steps/precision at full size; all weights are
 generated (random) of those sizes. For each engine and each framework adapter the avatar idles until its
@@ -12,9 +12,11 @@ frames flow, then a spoken sentence (espeak-ng, else a voice-like signal) arrive
   pipecat  first TTSAudioRawFrame entering the service -> the first TTSAudioRawFrame of that speech leaving
            it, in a real pipecat pipeline
 
---preempt-idle (an experiment, not what the adapters do): the first push of each utterance first calls
-session.interrupt(), dropping the idle silence the session had fed ahead of the clock, to show how much of
-the latency is that queue (the session lends a late engine up to 2 s more lead, filled with idle silence).
+--modes preempt,queued runs each case twice, alternately (compare them within one run: this machine is
+shared and its speed varies by several times from minute to minute). `preempt` is what the adapters do
+(preempt_idle=True: speech that starts while the avatar idles first drops the idle silence the session had
+fed ahead of the clock); `queued` leaves it (preempt_idle=False), so speech waits behind that silence: the
+session feeds idle silence up to its lead, and lends a late engine up to 2 s more.
 
 Writes JSON (bench/results/plugins.json) and prints a table. This machine's figures are in the README.
 """
@@ -69,18 +71,6 @@ def make_engine(spec: str):
     return StreamingAnimator(models, code, config)
 
 
-def preempt_idle(speech) -> None:
-    """Experiment: an utterance that starts while the avatar idles first drops the idle silence in flight."""
-    push = speech.push
-
-    def push_after_interrupt(samples, rate):
-        if not speech.open:
-            speech.session.interrupt()
-        return push(samples, rate)
-
-    speech.push = push_after_interrupt
-
-
 async def livekit_run(animator, wave, utterances: int, idle_s: float, preempt: bool):
     from livekit import rtc
     from livekit.agents.voice.avatar import AvatarRunner, QueueAudioOutput
@@ -88,9 +78,7 @@ async def livekit_run(animator, wave, utterances: int, idle_s: float, preempt: b
     from streaming.plugins.livekit import AvatarVideo, avatar_options
     from streaming.testing import stand_in_room
 
-    video = AvatarVideo(animator)
-    if preempt:
-        preempt_idle(video.speech)
+    video = AvatarVideo(animator, preempt_idle=preempt)
     output = QueueAudioOutput(wait_playback_start=True)
     finished = asyncio.Queue()
     output.on("playback_finished", finished.put_nowait)
@@ -141,9 +129,7 @@ def pipecat_run(animator, wave, utterances: int, idle_s: float, seconds: float, 
                 self.first.setdefault(frame.context_id, time.perf_counter())
             await self.push_frame(frame, direction)
 
-    service = AvatarVideoService(animator)
-    if preempt:
-        preempt_idle(service.speech)
+    service = AvatarVideoService(animator, preempt_idle=preempt)
     before, after = Stamp(), Stamp()
     pcm = (np.clip(wave, -1, 1) * 32767).astype(np.int16)
     frames = [SleepFrame(idle_s)]
@@ -166,7 +152,7 @@ def main() -> None:
     p.add_argument("--utterances", type=int, default=3)
     p.add_argument("--seconds", type=float, default=2.0, help="length of each utterance")
     p.add_argument("--idle", type=float, default=3.0, help="idle seconds before each utterance")
-    p.add_argument("--preempt-idle", action="store_true", help="experiment: see the module docstring")
+    p.add_argument("--modes", default="preempt,queued", help="preempt (the default) and/or queued, see above")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared 2-core machine a second thread only spin-waits)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "plugins.json"))
@@ -176,25 +162,25 @@ def main() -> None:
     rows = []
     for spec in args.engines.split(","):
         for fw in args.frameworks.split(","):
-            animator = make_engine(spec)
-            if fw == "livekit":
-                lat, summary = asyncio.run(livekit_run(animator, wave, args.utterances, args.idle, args.preempt_idle))
-            else:
-                lat, summary = pipecat_run(animator, wave, args.utterances, args.idle, args.seconds,
-                                           args.preempt_idle)
-            ms = [round(1000 * x, 1) for x in lat]
-            rows.append(dict(engine=spec, framework=fw, preempt_idle=args.preempt_idle, latency_ms=ms, median_ms=float(np.median(ms)),
-                             configured_ms=1000 * animator.latency_s, repeats=summary["repeats"],
-                             frames=summary["frames"], session=summary))
-            print(f"{spec:<14} {fw:<8} TTS in -> first frame out ms: {ms} (configured {1000 * animator.latency_s:.0f})",
-                  flush=True)
+            for mode in args.modes.split(","):
+                animator = make_engine(spec)
+                preempt = mode == "preempt"
+                if fw == "livekit":
+                    lat, summary = asyncio.run(livekit_run(animator, wave, args.utterances, args.idle, preempt))
+                else:
+                    lat, summary = pipecat_run(animator, wave, args.utterances, args.idle, args.seconds, preempt)
+                ms = [round(1000 * x, 1) for x in lat]
+                rows.append(dict(engine=spec, framework=fw, mode=mode, latency_ms=ms, median_ms=float(np.median(ms)),
+                                 configured_ms=1000 * animator.latency_s, repeats=summary["repeats"],
+                                 frames=summary["frames"], session=summary))
+                print(f"{spec:<14} {fw:<8} {mode:<8} TTS in -> first frame out ms: {ms}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(bench="plugins", device=f"CPU, {args.threads} threads",
-                                              preempt_idle=args.preempt_idle,
                                               torch=torch.__version__, seconds=args.seconds, rows=rows), indent=2))
-    print(f"\n{'engine':<16}{'framework':<10}{'median ms':>10}{'min':>8}{'max':>8}{'configured':>12}{'repeats':>9}")
+    print(f"\n{'engine':<16}{'framework':<10}{'mode':<9}{'median ms':>10}{'min':>8}{'max':>8}{'configured':>12}"
+          f"{'repeats':>9}")
     for r in rows:
-        print(f"{r['engine']:<16}{r['framework']:<10}{r['median_ms']:>10.0f}{min(r['latency_ms']):>8.0f}"
+        print(f"{r['engine']:<16}{r['framework']:<10}{r['mode']:<9}{r['median_ms']:>10.0f}{min(r['latency_ms']):>8.0f}"
               f"{max(r['latency_ms']):>8.0f}{r['configured_ms']:>12.0f}{r['repeats']:>9}")
     print(f"wrote {args.out}")
 

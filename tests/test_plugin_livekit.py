@@ -192,6 +192,33 @@ def test_interrupt_then_next_answer_starts_from_zero():
     assert second.playback_position == pytest.approx(0.52)     # 8000 samples = 12.5 frames -> 13
 
 
+@pytest.mark.parametrize("preempt", [True, False])
+def test_an_answer_from_idle_does_not_wait_behind_idle_silence(preempt):
+    """An engine that declares 20 frames of latency has the session feed 23 frames of idle silence ahead of
+    the clock. An answer that starts while idle drops that silence first (preempt_idle, the default): its
+    first frame is among the next few shown, not behind 23 frames of silence; the motion goes on from the
+    frame shown (the engine restarts once per answer)."""
+    async def main():
+        animator = ToneAnimator(latency_frames=20)
+        video = AvatarVideo(animator, preempt_idle=preempt)
+        room, output, runner, rec, finished = await start_runner(video)
+        while sum(isinstance(f, rtc.VideoFrame) for f in rec.items) < 30:
+            await asyncio.sleep(0.01)
+        mark = len(rec.items)
+        await tts(output, ramp(16000), 16000)
+        await asyncio.wait_for(finished.get(), 10)
+        await runner.aclose()
+        first = next(i for i, f in enumerate(rec.items) if isinstance(f, rtc.AudioFrame))
+        waited = sum(isinstance(f, rtc.VideoFrame) for f in rec.items[mark:first]) - 1
+        return waited, animator.resets, video.speech.preempted
+
+    waited, resets, preempted = asyncio.run(main())
+    if preempt:
+        assert waited <= 4 and resets == preempted == 1
+    else:
+        assert waited >= 20 and resets == preempted == 0
+
+
 def test_tiny_engine_idles_and_speaks(tiny_checkpoints, one_thread):
     """The real (tiny) AniTalker engine behind the runner: it moves while idle, its frames have the model's
     size, speech comes out paired and complete, and the segment end is reported."""

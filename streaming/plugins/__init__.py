@@ -71,13 +71,23 @@ class Speech:
     A TTS hands over a sentence as hundreds of 10-20 ms frames within one event-loop turn; pieces pushed in
     the same turn go to the session as one push, so its bounded input queue never fills. Segment tags are
     increasing integers; after interrupt() every tag up to `cut` is gone, and frames of those segments that
-    were already released but not yet consumed must not be played or reported (see `live`)."""
+    were already released but not yet consumed must not be played or reported (see `live`, `finished`).
 
-    def __init__(self, session):
+    preempt_idle: speech that starts while nothing else is to be played first drops the idle silence the
+    session has fed ahead of the clock (with session.interrupt(); the motion goes on from the frame shown),
+    so the answer's first frame comes after one engine hop instead of after that queue: a lead of engine
+    latency + 3 frames, and up to 2 s more on an engine that has been late (bench/plugins.py --modes
+    queued,preempt: 0.7-1.1 s -> 0.1-0.2 s with the tiny engine on this machine). Session metrics count
+    these as interrupts; `preempted` says how many of them were this."""
+
+    def __init__(self, session, preempt_idle: bool = True):
         self.session = session
+        self.preempt_idle = preempt_idle
+        self.preempted = 0
         self.tag = 0              # the segment being pushed
         self.open = False         # ... and whether it has audio
         self.cut = -1             # segments <= cut were dropped by interrupt()
+        self.unplayed: set[int] = set()   # segments with audio whose last frame has not come out yet
         self._buf: list[tuple[np.ndarray, int]] = []
         self._scheduled = False
 
@@ -86,6 +96,10 @@ class Speech:
         if not isinstance(rate, (int, np.integer)) or rate <= 0:
             raise AnitalkerError(f"audio needs a positive integer sample rate, got {rate!r}")
         if len(samples):
+            if not self.open and not self.unplayed and self.preempt_idle:
+                self.session.interrupt()
+                self.preempted += 1
+            self.unplayed.add(self.tag)
             self._buf.append((np.asarray(samples, np.float32), int(rate)))
             self.open = True
             if not self._scheduled:
@@ -113,6 +127,7 @@ class Speech:
     def interrupt(self) -> None:
         """Drop all queued speech (the session's next frame is silent) and start a new segment."""
         self._buf.clear()
+        self.unplayed.clear()
         self.session.interrupt()
         self.session.close_stream(self.tag)
         self.cut, self.tag, self.open = self.tag, self.tag + 1, False
@@ -120,6 +135,12 @@ class Speech:
     def live(self, tags) -> list:
         """The tags of a released frame that still count (not cut by an interrupt), in order."""
         return sorted(t for t in tags or () if t > self.cut)
+
+    def finished(self, ended) -> list:
+        """The segments a released frame ends (its meta["ended"]) that still count; they are played now."""
+        done = self.live(ended)
+        self.unplayed.difference_update(done)
+        return done
 
 
 async def played(session, run: asyncio.Task):

@@ -65,9 +65,10 @@ class AvatarVideo(VideoGenerator):
     25 fps, the rtc.AudioFrame it plays after each speaking frame, and AudioSegmentEnd after a segment's
     last frame. session: the Session it wraps (its metrics: session.summary())."""
 
-    def __init__(self, animator, *, video_size: tuple[int, int] | None = None, time_source=None, **session):
+    def __init__(self, animator, *, video_size: tuple[int, int] | None = None, time_source=None,
+                 preempt_idle: bool = True, **session):
         self.session = Session(animator, time_source=time_source, **session)
-        self.speech = Speech(self.session)
+        self.speech = Speech(self.session, preempt_idle)
         self.size = tuple(video_size) if video_size else _image_size(animator)
         self._run: asyncio.Task | None = None
         self._iterated = False
@@ -94,7 +95,7 @@ class AvatarVideo(VideoGenerator):
                 yield self._video_frame(f.image)
                 if self.speech.live(f.meta.get("tags")):
                     yield rtc.AudioFrame(pcm16(f.audio), SAMPLE_RATE, 1, len(f.audio))
-                for _ in self.speech.live(f.meta.get("ended")):
+                for _ in self.speech.finished(f.meta.get("ended")):
                     yield AudioSegmentEnd()
         finally:
             await self.aclose()

@@ -42,12 +42,13 @@ __all__ = ["AvatarVideoService"]
 
 class AvatarVideoService(FrameProcessor):
     """animator: the engine (streaming.plugins.load_animator(portrait) makes one). session: the Session
-    it wraps (its metrics: service.session.summary())."""
+    it wraps (its metrics: service.session.summary()); preempt_idle: see streaming.plugins.Speech."""
 
-    def __init__(self, animator, *, time_source=None, name: str | None = None, **session):
+    def __init__(self, animator, *, time_source=None, preempt_idle: bool = True, name: str | None = None,
+                 **session):
         super().__init__(name=name)
         self.session = Session(animator, time_source=time_source, **session)
-        self.speech = Speech(self.session)
+        self.speech = Speech(self.session, preempt_idle)
         self._contexts: dict[int, str | None] = {}   # segment tag -> TTS context id
         self._held = collections.deque()              # (tag to wait for or None, frame, direction)
         self._run: asyncio.Task | None = None
@@ -107,7 +108,7 @@ class AvatarVideoService(FrameProcessor):
             if tags:
                 await self.push_frame(TTSAudioRawFrame(audio=pcm16(f.audio), sample_rate=SAMPLE_RATE,
                                                        num_channels=1, context_id=self._contexts.get(tags[0])))
-            for tag in self.speech.live(f.meta.get("ended")):
+            for tag in self.speech.finished(f.meta.get("ended")):
                 self._contexts.pop(tag, None)
                 await self._release(tag)
 
