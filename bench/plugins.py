@@ -102,7 +102,7 @@ async def livekit_run(animator, wave, utterances: int, idle_s: float, preempt: b
             part = pcm[i:i + CHUNK]
             await output.capture_frame(rtc.AudioFrame(part.tobytes(), RATE, 1, len(part)))
         output.flush()
-        await finished.get()
+        await asyncio.wait_for(finished.get(), 600)    # a session that failed does not hang the bench
         await asyncio.sleep(idle_s)
     summary = video.session.summary()
     await runner.aclose()

@@ -284,5 +284,9 @@ def test_avatar_session_wires_itself_into_an_agent_session():
 def test_avatar_options_follow_the_engine():
     opts = avatar_options(AvatarVideo(ToneAnimator(size=96)))
     assert (opts.video_width, opts.video_height, opts.video_fps) == (96, 96, 25)
+    scaled = AvatarVideo(ToneAnimator(size=64), video_size=(160, 128))
+    assert (avatar_options(scaled).video_width, avatar_options(scaled).video_height) == (160, 128)
+    frame = scaled._video_frame(np.full((64, 64, 3), 200, np.uint8))
+    assert (frame.width, frame.height) == (160, 128) and set(np.frombuffer(frame.data, np.uint8)) == {200}
     assert (opts.audio_sample_rate, opts.audio_channels) == (16000, 1)
     assert pcm16(np.array([1.5, -1.5, 0.5], np.float32)) == np.array([32767, -32768, 16384], "<i2").tobytes()

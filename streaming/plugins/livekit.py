@@ -63,7 +63,8 @@ class AvatarVideo(VideoGenerator):
     push_audio: rtc.AudioFrame at any rate and channel count, or AudioSegmentEnd. clear_buffer: drops
     queued speech; the next frame is silent. Iterating (once, by the runner) yields rtc.VideoFrame at
     25 fps, the rtc.AudioFrame it plays after each speaking frame, and AudioSegmentEnd after a segment's
-    last frame. session: the Session it wraps (its metrics: session.summary())."""
+    last frame. session: the Session it wraps (its metrics: session.summary()). video_size: publish at
+    another size (frames are scaled). preempt_idle: see streaming.plugins.Speech."""
 
     def __init__(self, animator, *, video_size: tuple[int, int] | None = None, time_source=None,
                  preempt_idle: bool = True, **session):
