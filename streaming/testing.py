@@ -267,3 +267,42 @@ def chromium(url: str, profile, *extra_flags):
     finally:
         os.killpg(browser.pid, signal.SIGKILL)       # Chromium and its helpers: one group, started here
         browser.wait(10)
+
+
+def stand_in_room(identity: str = "agent"):
+    """A LiveKit room for tests and benchmarks without a server (needs the [livekit] extra): connected, no
+    one else in it, and its local participant records the tracks it is asked to publish (in
+    track_publications, as the real one does) instead of sending them anywhere."""
+    from livekit import rtc
+
+    class Publication:
+        def __init__(self, track, options):
+            self.track, self.kind, self.source, self.sid = track, track.kind, options.source, f"TR_{id(track)}"
+
+        async def wait_for_subscription(self):
+            return None
+
+    class LocalParticipant:
+        kind = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+
+        def __init__(self, room):
+            self.room, self.identity, self.track_publications = room, identity, {}
+
+        async def publish_track(self, track, options):
+            pub = Publication(track, options)
+            self.track_publications[pub.sid] = pub
+            self.room.emit("local_track_published", pub, track)
+            return pub
+
+    class Room(rtc.EventEmitter):
+        name = "stand-in"
+
+        def __init__(self):
+            super().__init__()
+            self.local_participant = LocalParticipant(self)
+            self.remote_participants = {}
+
+        def isconnected(self):
+            return True
+
+    return Room()
