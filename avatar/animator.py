@@ -168,6 +168,7 @@ class StreamingAnimator:
         """Interrupt: pending audio is dropped; motion continues from ``last`` (the frame the viewer saw
         last), else from the last committed code, so the head does not jump."""
         code = None if last is None else last.meta.get("motion")
+        self._drawn = last is not None         # nothing shown yet: the next frame must be drawn
         self.features.reset()
         self.motion.reset(start=self.features.frames_done, code=None if code is None else torch.as_tensor(code))
         self._new_segment(self.features.frames_done)

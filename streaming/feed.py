@@ -9,7 +9,10 @@ TTS plays at exactly 25 fps with no second pacer.
   lends it one more frame, up to ``max_lead``, so an engine whose compute takes longer than declared is
   still fed early enough; once a second, lead the output did not need all second long is paid back.
 - Idle: when no audio waits, silence is fed (marked idle) so the avatar keeps moving from the same model.
-  Pushed and live audio come in pieces; a gap of a few frames between them is not idle.
+  Pushed and live audio come in pieces; a gap of a few frames between them is not idle. When speech
+  arrives while only idle silence is in flight (fed, not shown yet), that silence is dropped (preempted)
+  and the engine starts the speech at once, from the picture shown last: an answer does not wait behind
+  up to a lead of idling.
 - Live audio (a microphone) is bounded: beyond LIVE_SLACK_FRAMES waiting, its oldest samples are dropped
   and counted. Other audio (TTS, files, whole utterances) always plays in full.
 - Tags: pushed audio may carry a tag; the frames that hold it report it, and ``end_segment`` marks the
@@ -29,6 +32,7 @@ END = object()             # the source is exhausted (reader -> feed)
 JITTER_FRAMES = 3          # lead beyond the engine's own latency, against scheduling jitter
 MAX_EXTRA_FRAMES = 50      # lead an engine slower than it declared may borrow (2 s): latency stays bounded
 LIVE_SLACK_FRAMES = 5      # a live source may queue this much before its oldest audio is dropped
+PREEMPT_FRAMES = 3         # idle silence in flight worth dropping for speech that waits behind it
 
 
 @dataclass
@@ -123,28 +127,43 @@ class Feed:
         samples = sum(n for n, _ in self._work)
         return sum(t for _, t in self._work) * SAMPLE_RATE / samples if samples >= SAMPLE_RATE else None
 
-    def adapt(self, k: int, out_len: int, missed: bool) -> None:
-        """Learn the lead from the slot just decided: a slot the engine missed although it had been given
-        its whole lead lends it a frame (bounded; a slot missed for want of input is not the engine's, and
-        an engine slower than real time gains nothing from more lead); once a second, output the engine
-        kept beyond the jitter margin all second long is paid back."""
+    def adapt(self, k: int, out_len: int, missed: bool, engine_idle: bool = False, started: bool = True) -> None:
+        """Learn the lead from the slot just decided. A slot the engine missed although it had been given
+        its whole lead lends it a frame (bounded), when more audio is what it waits for (it is idle), or
+        when it is still computing but keeps up on average (its load < 1: more lead hides its compute
+        time; an engine slower than real time gains nothing from more lead, nor does one still starting
+        up, before the first frame is shown). A slot missed for want of input is not the engine's. Once
+        a second, output the engine kept beyond the jitter margin all second long is paid back."""
         self._min_out = min(self._min_out, out_len)
         if k % FPS == 0:
             self.extra -= min(self.extra, max(0, self._min_out - JITTER_FRAMES))
             self._min_out = out_len
         starved = self.in_flight < self.lead_now * SAMPLES_PER_FRAME
         load = self.load
-        if missed and not starved and (load is None or load < 1) and self.lead_now < self.max_lead:
+        waits = engine_idle or (started and (load is None or load < 1))
+        if missed and not starved and waits and self.lead_now < self.max_lead:
             self.extra += 1
+
+    def take_input(self) -> None:
+        """Pushed and live audio is in memory already: take all of it (a file is read as the lead allows)."""
+        if self.paced:
+            while self._take():
+                pass
+            self._drop_late_live()
+
+    def should_preempt(self) -> bool:
+        """Speech waits while what is in flight is idle silence only (PREEMPT_FRAMES of it at least)."""
+        if self.in_flight < PREEMPT_FRAMES * SAMPLES_PER_FRAME:
+            return False
+        if any(end > self.released for _, end, _, _ in self.arrivals):
+            return False
+        return any(not p.mark and len(p.samples) for p in self.pending)
 
     def tick(self, slot_time: float, stop_at_end: bool) -> list[tuple[str, AudioChunk | None]]:
         """The engine's work for this slot: at most one push of source audio (one worker round trip per
         slot, however small the pieces), then idle silence up to the lead, or the final flush."""
         self.slot_time = slot_time
-        if self.paced:                           # pushed/live audio is in memory already; a file is read lazily
-            while self._take():
-                pass
-            self._drop_late_live()
+        self.take_input()
         jobs = []
         budget = self.lead_now * SAMPLES_PER_FRAME - self.in_flight
         pieces, start = [], self.fed

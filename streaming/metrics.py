@@ -22,6 +22,7 @@ class Metrics:
         self.capture = collections.deque(maxlen=5000)     # driving video frame captured -> shown (reenactment)
         self.engine = collections.deque(maxlen=5000)      # AvFrame.produced_at - pushed_at
         self.interrupts = 0
+        self.preempted = 0               # idle silence in flight dropped for speech
         self.errors = 0                  # items the engine failed on (reported, the session went on)
         self.last_error = None
         self.bad_frames = 0              # frames refused: audio of the wrong length
@@ -66,7 +67,7 @@ class Metrics:
                "first_audio_to_frame_ms": first, "latency_p50_ms": pct(self.latencies, 50),
                "latency_p95_ms": pct(self.latencies, 95), "engine_p50_ms": pct(self.engine, 50),
                "late_max_ms": round(1000 * st.late_max_s, 1), "slips": st.slips,
-               "interrupts": self.interrupts, "errors": self.errors, "bad_frames": self.bad_frames,
+               "interrupts": self.interrupts, "preempted": self.preempted, "errors": self.errors, "bad_frames": self.bad_frames,
                "dropped_input_ms": round(1000 * dropped_samples / SAMPLE_RATE, 1),
                "queue_depth": dict(self.depth), "queue_depth_max": dict(self.depth_max)}
         if self.last_error:

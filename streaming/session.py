@@ -45,11 +45,14 @@ __all__ = ["Session", "JITTER_FRAMES"]
 
 class Session:
     def __init__(self, animator, sinks=(), *, time_source=None, lead_frames=None, max_lead_frames=None,
-                 input_chunks=64):
+                 input_chunks=64, preempt_idle: bool = True):
         """lead_frames: audio fed ahead of the clock (default: the engine's latency + jitter margin); it
         grows while the engine misses slots, up to max_lead_frames (default: 2 s more). A reenactment
-        engine shows the newest camera frame, so it caps the lead low: skip frames rather than queue them."""
+        engine shows the newest camera frame, so it caps the lead low: skip frames rather than queue them.
+        preempt_idle: speech that arrives while only idle silence is in flight drops that silence (see
+        streaming/feed.py), counted as `preempted`."""
         self.animator = animator
+        self.preempt_idle = preempt_idle
         self.time = time_source or RealTime()
         engine_frames = int(getattr(animator, "latency_frames", 0))
         lead = lead_frames if lead_frames is not None else engine_frames + JITTER_FRAMES
@@ -65,6 +68,7 @@ class Session:
         self._progress = asyncio.Event()
         self._ended = False
         self._push_resamplers = {}
+        self._readers = set()                   # the QueueSinks of frames() iterations
         self._fatal = None
 
     @property
@@ -97,6 +101,8 @@ class Session:
             if reader is not None:
                 reader.cancel()
             await self.clock.aclose(failed)
+            for reader in list(self._readers):    # frames() readers end, even those that never got a frame
+                await reader.aclose()
             await asyncio.to_thread(self.worker.stop)
         if self._fatal is not None:
             raise self._fatal
@@ -187,15 +193,25 @@ class Session:
             self.worker.submit("reset", self._gen, self.clock.last_drawn)
 
     async def frames(self):
-        """Iterate the frames as the clock releases them (a bounded queue: a slow reader loses the oldest)."""
+        """Iterate the frames as the clock releases them (a bounded queue: a slow reader loses the oldest).
+        The iteration ends with the session, raising its error if it failed."""
         from .sinks import QueueSink
         sink = QueueSink()
         self.clock.sinks.append(sink)
+        self._readers.add(sink)
         try:
             while True:
-                yield await sink.get()
+                try:
+                    frame = await sink.get()
+                except EOFError:
+                    if self._fatal is not None:
+                        raise self._fatal from None
+                    return
+                yield frame
         finally:
-            self.clock.sinks.remove(sink)
+            self._readers.discard(sink)
+            if sink in self.clock.sinks:
+                self.clock.sinks.remove(sink)
 
     def stop(self) -> None:
         """End the session at the next slot (what is queued is dropped; outputs are finished)."""
@@ -215,13 +231,18 @@ class Session:
     def _tick(self, k: int):
         if self._fatal is not None:
             return DONE
+        self.feed.take_input()
+        if self.preempt_idle and self.feed.should_preempt():
+            self._restart(queued=False)              # the idle silence in flight goes, the speech starts now
+            self.metrics.preempted += 1
         for kind, chunk in self.feed.tick(self.clock.slot_time, self.stop_at_end):
             self.worker.submit(kind, self._gen, chunk)
         self.metrics.queues(input=self.feed.inq.qsize(), worker=self.worker.qsize(), output=len(self._out))
         frame = self._out.popleft() if self._out else None
         if frame is None and self._ended and self.stop_at_end:
             return DONE
-        self.feed.adapt(k, len(self._out), missed=frame is None)
+        self.feed.adapt(k, len(self._out), missed=frame is None, engine_idle=self.worker.done >= self.worker.sent,
+                        started=self.clock.stats.frames > 0)
         return frame
 
     def _on_release(self, frame, t: float) -> None:

@@ -94,12 +94,14 @@ class NullSink:
 
 
 class QueueSink:
-    """Frames for a consumer in the same program (Session.frames()); a slow consumer loses the oldest."""
+    """Frames for a consumer in the same program (Session.frames()); a slow consumer loses the oldest.
+    get() raises EOFError once the session has closed its outputs and nothing is left."""
 
     def __init__(self, maxlen: int = 50):
         self._frames = collections.deque(maxlen=maxlen)
         self._ready = asyncio.Event()
         self.dropped = 0
+        self.closed = False
 
     async def open(self, spec): pass
 
@@ -110,11 +112,17 @@ class QueueSink:
 
     async def get(self) -> AvFrame:
         while not self._frames:
+            if self.closed:
+                raise EOFError("the session has ended")
             self._ready.clear()
             await self._ready.wait()
         return self._frames.popleft()
 
-    async def aclose(self): pass
+    async def aclose(self):
+        self.closed = True
+        self._ready.set()
+
+    abort = aclose
 
 
 class FileSink(BlockingSink):

@@ -210,7 +210,7 @@ def test_an_answer_from_idle_does_not_wait_behind_idle_silence(preempt):
         await runner.aclose()
         first = next(i for i, f in enumerate(rec.items) if isinstance(f, rtc.AudioFrame))
         waited = sum(isinstance(f, rtc.VideoFrame) for f in rec.items[mark:first]) - 1
-        return waited, animator.resets, video.speech.preempted
+        return waited, animator.resets, video.session.metrics.preempted
 
     waited, resets, preempted = asyncio.run(main())
     if preempt:

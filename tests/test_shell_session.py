@@ -287,3 +287,32 @@ def test_after_an_interrupt_motion_continues_from_the_frame_shown_last(time_sour
     steps = np.diff([last] + new)
     assert len(new) >= 10
     assert np.allclose(steps, CODE_STEP, atol=1e-5), steps    # never a jump: each step is one frame's change
+
+
+@pytest.mark.parametrize("preempt", [True, False])
+def test_speech_after_idle_does_not_wait_behind_the_idle_silence_in_flight(preempt):
+    """An engine that declares 20 frames of latency is fed 23 frames of idle silence ahead of the clock.
+    Speech pushed while idle drops that silence (preempt_idle, the default): its first frame is among the
+    next few shown, the motion continues from the frame shown last, and it counts as preempted, not as an
+    interrupt. Without it, the speech waits behind the 23 frames."""
+    from streaming.testing import CODE_STEP
+
+    async def main():
+        animator = ToneAnimator(latency_frames=20)
+        async with Session(animator, time_source=FakeTime(), preempt_idle=preempt) as avatar:
+            frames = avatar.frames()
+            idle = [await frames.__anext__() for _ in range(40)]
+            avatar.push(np.full(SAMPLE_RATE, 0.5, np.float32))
+            waited = 0
+            while not (f := await frames.__anext__()).audio.any():
+                waited += 1
+            await frames.aclose()
+            return idle[-1], f, waited, avatar.summary()
+
+    last_idle, first_speech, waited, s = asyncio.run(main())
+    if preempt:
+        assert waited <= 2 and s["preempted"] == 1 and s["interrupts"] == 0
+        # the engine went on from the last idle frame shown: a step or two of motion, not 23
+        assert first_speech.meta["motion"][0] - last_idle.meta["motion"][0] <= (waited + 1) * CODE_STEP + 1e-6
+    else:
+        assert waited >= 20 and s["preempted"] == 0

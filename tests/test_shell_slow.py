@@ -152,3 +152,25 @@ def test_an_engine_that_cannot_keep_up_drops_live_audio_and_plays_utterances_in_
     else:
         assert s["dropped_input_ms"] == 0 and s["repeats"] > 0
         assert sum(1 for f in out if f.audio.any()) == 250  # all of it, later than it came
+
+
+def test_an_interrupt_before_the_first_picture_is_shown(tiny):
+    """The first frame is still being drawn when an interrupt drops it: the engine must draw the next one
+    (nothing has been shown that a held frame could repeat), and the session goes on."""
+    clock = FakeTime()
+    animator = slow_animator(tiny, clock, render_s=0.3, motion_s=0.2)
+
+    async def main():
+        async with Session(animator, time_source=clock) as session:
+            session.push(tone(2.0))
+            while clock.now() < 0.3:                      # the engine is busy with the first hop
+                await asyncio.sleep(0)
+            assert session.clock.stats.frames == 0 and clock.blocked_until is not None
+            session.interrupt()
+            frames = session.frames()
+            out = [await frames.__anext__() for _ in range(50)]
+            await frames.aclose()
+            return out, session.summary()
+
+    out, s = asyncio.run(main())
+    assert len(out) == 50 and out[0].image is not None and s["interrupts"] == 1

@@ -73,17 +73,13 @@ class Speech:
     increasing integers; after interrupt() every tag up to `cut` is gone, and frames of those segments that
     were already released but not yet consumed must not be played or reported (see `live`, `finished`).
 
-    preempt_idle: speech that starts while nothing else is to be played first drops the idle silence the
-    session has fed ahead of the clock (with session.interrupt(); the motion goes on from the frame shown),
-    so the answer's first frame comes after one engine hop instead of after that queue: a lead of engine
-    latency + 3 frames, and up to 2 s more on an engine that has been late (bench/plugins.py --modes
-    queued,preempt: 0.7-1.1 s -> 0.1-0.2 s with the tiny engine on this machine). Session metrics count
-    these as interrupts; `preempted` says how many of them were this."""
+    An answer that starts while the avatar idles does not wait behind the idle silence the session has fed
+    ahead of the clock: the session drops it (Session(preempt_idle=True), its `preempted` metric), so the
+    answer's first frame comes after one engine hop (bench/plugins.py --modes queued,preempt: 0.7-1.1 s ->
+    0.1-0.2 s with the tiny engine on this machine)."""
 
-    def __init__(self, session, preempt_idle: bool = True):
+    def __init__(self, session):
         self.session = session
-        self.preempt_idle = preempt_idle
-        self.preempted = 0
         self.tag = 0              # the segment being pushed
         self.open = False         # ... and whether it has audio
         self.cut = -1             # segments <= cut were dropped by interrupt()
@@ -96,9 +92,6 @@ class Speech:
         if not isinstance(rate, (int, np.integer)) or rate <= 0:
             raise AnitalkerError(f"audio needs a positive integer sample rate, got {rate!r}")
         if len(samples):
-            if not self.open and not self.unplayed and self.preempt_idle:
-                self.session.interrupt()
-                self.preempted += 1
             self.unplayed.add(self.tag)
             self._buf.append((np.asarray(samples, np.float32), int(rate)))
             self.open = True

@@ -64,12 +64,12 @@ class AvatarVideo(VideoGenerator):
     queued speech; the next frame is silent. Iterating (once, by the runner) yields rtc.VideoFrame at
     25 fps, the rtc.AudioFrame it plays after each speaking frame, and AudioSegmentEnd after a segment's
     last frame. session: the Session it wraps (its metrics: session.summary()). video_size: publish at
-    another size (frames are scaled). preempt_idle: see streaming.plugins.Speech."""
+    another size (frames are scaled). preempt_idle: see streaming.feed (an answer from idle does not wait behind idle silence)."""
 
     def __init__(self, animator, *, video_size: tuple[int, int] | None = None, time_source=None,
                  preempt_idle: bool = True, **session):
-        self.session = Session(animator, time_source=time_source, **session)
-        self.speech = Speech(self.session, preempt_idle)
+        self.session = Session(animator, time_source=time_source, preempt_idle=preempt_idle, **session)
+        self.speech = Speech(self.session)
         self.size = tuple(video_size) if video_size else _image_size(animator)
         self._run: asyncio.Task | None = None
         self._iterated = False

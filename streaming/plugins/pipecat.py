@@ -42,13 +42,13 @@ __all__ = ["AvatarVideoService"]
 
 class AvatarVideoService(FrameProcessor):
     """animator: the engine (streaming.plugins.load_animator(portrait) makes one). session: the Session
-    it wraps (its metrics: service.session.summary()); preempt_idle: see streaming.plugins.Speech."""
+    it wraps (its metrics: service.session.summary()); preempt_idle: see streaming.feed (an answer from idle does not wait behind idle silence)."""
 
     def __init__(self, animator, *, time_source=None, preempt_idle: bool = True, name: str | None = None,
                  **session):
         super().__init__(name=name)
-        self.session = Session(animator, time_source=time_source, **session)
-        self.speech = Speech(self.session, preempt_idle)
+        self.session = Session(animator, time_source=time_source, preempt_idle=preempt_idle, **session)
+        self.speech = Speech(self.session)
         self._contexts: dict[int, str | None] = {}   # segment tag -> TTS context id
         self._held = collections.deque()              # (tag to wait for or None, frame, direction)
         self._run: asyncio.Task | None = None
