@@ -232,33 +232,59 @@ class StreamingAnimator:
     def frames(self, block: Block, codes: torch.Tensor):
         """The hop's frames in order, drawn or held (image None), each with exactly its 640 samples. The
         end of the utterance starts a new segment once its last frame is out."""
-        yield from self._frames(block.start, codes, block.last)
-        if block.last:
-            self._new_segment(self.features.frames_done)
-
-    def _frames(self, start: int, codes: torch.Tensor, last: bool):
-        nxt = self._deadline(start + len(codes))
-        limit = None if last or nxt is None else nxt - max(self._hop_cost, default=0.0)
+        start = block.start
+        limit = self._limit(start, codes, block.last)
         motion = codes.float().cpu().numpy()         # one copy per hop, not per frame
         for g in range(0, len(codes), self.batch):
             group = range(start + g, start + min(g + self.batch, len(codes)))
-            draw = []
-            for pts in group:
-                if self._in_time(pts, len(draw), limit):
-                    draw.append(pts)
+            draw = self._choose(group, limit)
             images = {}
             if draw:
                 t0 = self.now()
                 idx = torch.tensor([p - start for p in draw], device=codes.device)
                 imgs = self._timed("render", self.models._render, self.code.wa, codes[idx], self.code.feats)
                 images = dict(zip(draw, to_uint8(imgs)))
-                self._render_cost.append((self.now() - t0) / len(draw))
-                self._drawn = True
-            self.skipped += len(group) - len(draw)
-            now = time.monotonic()
-            for pts in group:
-                yield AvFrame(images.get(pts), self._take_audio(pts), pts, pushed_at=self._pushed_time(pts),
-                              produced_at=now, meta={"motion": motion[pts - start]})
+                self._drew(len(draw), self.now() - t0)
+            yield from self._emit(group, draw, images, motion, start)
+        if block.last:
+            self._new_segment(self.features.frames_done)
+
+    def to_draw(self, block: Block, codes: torch.Tensor) -> list[int]:
+        """For a render shared with other sessions (avatar/batch.py): the pts of the hop to draw, the
+        whole hop deciding at once (as a GPU draws it, in one batch)."""
+        return self._choose(range(block.start, block.start + len(codes)), self._limit(block.start, codes, block.last))
+
+    def drawn_frames(self, block: Block, codes: torch.Tensor, draw: list[int], images, seconds: float):
+        """The hop's frames when ``images`` (uint8, one per pts in ``draw``) were rendered elsewhere in
+        ``seconds`` (this session's share of a shared render); as frames() otherwise."""
+        if draw:
+            self._drew(len(draw), seconds)
+        yield from self._emit(range(block.start, block.start + len(codes)), draw, dict(zip(draw, images)),
+                              codes.float().cpu().numpy(), block.start)
+        if block.last:
+            self._new_segment(self.features.frames_done)
+
+    def _limit(self, start: int, codes: torch.Tensor, last: bool) -> float | None:
+        nxt = self._deadline(start + len(codes))
+        return None if last or nxt is None else nxt - max(self._hop_cost, default=0.0)
+
+    def _choose(self, group: range, limit: float | None) -> list[int]:
+        draw = []
+        for pts in group:
+            if self._in_time(pts, len(draw), limit):
+                draw.append(pts)
+        return draw
+
+    def _drew(self, n: int, seconds: float) -> None:
+        self._render_cost.append(seconds / n)
+        self._drawn = True
+
+    def _emit(self, group: range, draw: list[int], images: dict, motion, start: int):
+        self.skipped += len(group) - len(draw)
+        now = time.monotonic()
+        for pts in group:
+            yield AvFrame(images.get(pts), self._take_audio(pts), pts, pushed_at=self._pushed_time(pts),
+                          produced_at=now, meta={"motion": motion[pts - start]})
 
     def _take_audio(self, pts: int) -> np.ndarray:
         """Frame pts's 640 samples; frames are taken in order, so what is before them is dropped."""
