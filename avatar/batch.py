@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from .motion import sample_windows
-from .portrait import to_uint8
+from .device import synchronize, to_host
+from .portrait import uint8_images
 
 
 def can_batch(port, item) -> bool:
@@ -87,6 +88,7 @@ def _wave(pairs) -> None:
             sampled = [(*p, x0) for p, x0 in zip(planned, sample_windows([w for _, _, w in planned]))]
     except Exception:                   # noqa: BLE001 -- find whose window it is: each alone
         sampled = _each(planned, _sample_one)
+    synchronize(a0.models.device)       # the clock below measures the GPU's work, not its queueing
     motion_s = a0.now() - t0
     for job, *_ in sampled:
         job.port.animator.timings["motion"] += motion_s
@@ -100,40 +102,46 @@ def _sample_one(job, block, window):
 
 
 def _render(hops) -> None:
-    """Draw what every session's hop can still show in time, in one renderer call, then hand out frames."""
+    """Draw what every session's hop can still show in time, in one renderer call, then hand out frames
+    (the pictures and every hop's codes come back from a GPU in one copy)."""
     if not hops:
         return
     draws = _each(hops, lambda job, block, codes: job.port.animator.to_draw(block, codes))
     a0 = hops[0][0].port.animator
     models, t0 = a0.models, a0.now()
+    try:
+        images = _draw_all(models, [(job.port.animator, codes, block.start, d) for job, block, codes, d in draws])
+    except Exception:                   # noqa: BLE001 -- each alone, so only the failing session pays
+        images = {}
+        for job, block, codes, d in draws:
+            try:
+                images.update(_draw_all(models, [(job.port.animator, codes, block.start, d)]))
+            except Exception as e:      # noqa: BLE001
+                job.fail(e)
+    keys = list(images)
+    host = to_host(*(images[k] for k in keys), *(codes.float() for _, _, codes, _ in draws))
+    images = dict(zip(keys, host))
+    motions = host[len(keys):]
     n = sum(len(d) for *_, d in draws)
-    images = {}
-    if n:
-        try:
-            images = _draw_all(models, [(job.port.animator, codes, block.start, d) for job, block, codes, d in draws])
-        except Exception:               # noqa: BLE001 -- each alone, so only the failing session pays
-            for job, block, codes, d in draws:
-                try:
-                    images.update(_draw_all(models, [(job.port.animator, codes, block.start, d)]))
-                except Exception as e:  # noqa: BLE001
-                    job.fail(e)
     share = (a0.now() - t0) / max(n, 1)
-    for job, block, codes, d in draws:
+    for (job, block, codes, d), motion in zip(draws, motions):
         if not job.ok:
             continue
         a = job.port.animator
         a.timings["render"] += share * len(d)
         try:
-            for frame in a.drawn_frames(block, codes, d, images.get(id(a), []), share * len(d)):
+            for frame in a.drawn_frames(block, motion, d, images.get(id(a), []), share * len(d)):
                 job.frame(frame)
         except Exception as e:          # noqa: BLE001
             job.fail(e)
 
 
 def _draw_all(models, hops) -> dict:
-    """hops [(animator, codes, start, pts to draw)] -> {id(animator): uint8 images}: one renderer call over
-    every session's frames, each frame with its own portrait's appearance latent and skip features."""
+    """hops [(animator, codes, start, pts to draw)] -> {id(animator): uint8 images on the device}: one
+    renderer call over every session's frames, each with its own portrait's latent and skip features."""
     hops = [h for h in hops if h[3]]
+    if not hops:
+        return {}
     wa, alphas, feats = [], [], []
     for a, codes, start, draw in hops:
         k = len(draw)
@@ -144,8 +152,7 @@ def _draw_all(models, hops) -> dict:
     if len(hops) == 1:                  # one session: exactly its own render call
         wa, feats = [hops[0][0].code.wa], [hops[0][0].code.feats]
     with models.autocast(), torch.inference_mode():
-        imgs = models._render(torch.cat(wa), torch.cat(alphas), [torch.cat(fs) for fs in zip(*feats)])
-    u8 = to_uint8(imgs)
+        u8 = uint8_images(models._render(torch.cat(wa), torch.cat(alphas), [torch.cat(fs) for fs in zip(*feats)]))
     out, i = {}, 0
     for a, _, _, draw in hops:
         out[id(a)] = u8[i:i + len(draw)]

@@ -93,8 +93,9 @@ def add_model_args(p: argparse.ArgumentParser, audio: bool = True) -> None:
         g.add_argument("--location", metavar="X", help="horizontal face position 0..1 (full_control models)")
         g.add_argument("--scale", metavar="S", help="face size 0..1 (full_control models)")
     g.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
-                   help="fp32 (default) computes what the official code computes; bf16 is about 1.3-2x faster "
+    g.add_argument("--precision", default=None, choices=["fp32", "bf16", "auto"],
+                   help="default: bf16 on a GPU, fp32 on a CPU. fp32 computes what the official code computes; "
+                   "bf16 is about 1.3-2x faster "
                    "on CPUs with native bf16 (AVX-512 BF16, AMX) and GPUs and differs by a few grey levels "
                    "(README), but much slower where bf16 is emulated; auto: bf16 where native, else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the renderer (and for reenact the motion "

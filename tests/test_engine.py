@@ -220,3 +220,63 @@ def test_sessions_on_one_engine_as_the_readme_shows(tiny):
     assert sum(f.audio.any() for f in together[0]) >= 30          # the speech played
     assert same(together[0], first_alone)
     assert not same(together[0], together[1])
+
+
+# ---- ready for a GPU ------------------------------------------------------------------------------------
+SYNCS = ("item", "tolist", "numpy", "cpu", "__int__", "__float__", "__bool__", "__index__")
+
+
+def test_the_ddim_loop_never_reads_a_value_back(tiny, monkeypatch):
+    """On a GPU, reading a tensor's value on the host (item(), int(t), float(t), a branch on a tensor, a
+    copy to the CPU) waits for every queued kernel. Sampling a window (three sessions' windows batched,
+    with inpainting) must not do it at all: every such call on a tensor is counted here."""
+    from avatar.motion import sample_windows
+
+    engines = animators(tiny)
+    for a, w in zip(engines, waves()):
+        a.push(AudioChunk(w[:8000], 0))                       # a hop or two: the windows now have context
+    blocks = [a.accept(AudioChunk(w[8000:12000], 8000)) for a, w in zip(engines, waves())]
+    windows = [a.plan(b[0]) for a, b in zip(engines, blocks)]
+    assert windows[0].n_ctx > 0 and len({w.key for w in windows}) == 1
+    calls = []
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k:
+                            (calls.append(_n), _f(self, *a, **k))[1])
+    with torch.inference_mode():
+        x0 = sample_windows(windows)
+        single = sample_windows(windows[:1])
+    monkeypatch.undo()
+    assert calls == []
+    assert len(x0) == 3 and x0[0].shape == single[0].shape
+
+
+def test_the_command_line_default_precision_is_bf16_on_a_gpu_only(monkeypatch):
+    import avatar.pipeline as pipeline
+    from avatar.pipeline import Speed
+    from streaming.cli import build_parser, speed_from_args
+
+    speed = speed_from_args(build_parser().parse_args(["render", "--audio", "a.wav"]))
+    monkeypatch.setattr(pipeline, "native_bf16", lambda device: True)
+    assert speed.resolve(torch.device("cpu")).precision == "fp32"         # the exact path stays the CPU's
+    assert speed.resolve(torch.device("cuda")).precision == "bf16"
+    assert Speed(precision="fp32").resolve(torch.device("cuda")).precision == "fp32"   # --precision fp32
+    monkeypatch.setattr(pipeline, "native_bf16", lambda device: False)
+    assert speed.resolve(torch.device("cuda")).precision == "fp32"        # an old GPU without bf16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_sessions_share_one_engine_in_bf16(tiny_checkpoints):
+    """On CUDA: bf16 by default, batching on, three sessions' frames come out of one worker."""
+    from avatar.pipeline import Speed
+
+    models = load_models(tiny_checkpoints, "hubert_audio_only", "cuda", Speed(precision=None))
+    assert models.speed.precision == "bf16"
+    image = to_tensor(prepare_portrait(load_image(asset_path("portrait.jpg"))).image)
+    code = encode_portrait(models, image)
+    engines = [StreamingAnimator(models, code, replace(CONFIG, seed=i)) for i in range(3)]
+    worker = EngineWorker()
+    frames, errors, _ = on_worker(worker, engines, waves())
+    assert worker.batch is True and errors == [[], [], []]
+    assert all(len(f) == 33 and f[-1].image.dtype == np.uint8 for f in frames)
