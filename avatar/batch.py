@@ -1,7 +1,7 @@
 """The hops of several sessions computed together: one engine worker round (streaming/worker.py) as batches.
 
     round: session A push, session B push, ...
-      accept (each: its audio features)  ->  blocks
+      accept (each: its audio, normalised)  --HuBERT windows of one length stacked, one model call-->  blocks
       wave j = the j-th block of every session:
         plan (each)  ->  windows  --sample_windows: same Window.key stacked, one DDIM loop-->  x0
         commit (each) -> codes    --one renderer call: codes and portrait features stacked-->  frames
@@ -12,10 +12,13 @@ with their session: a batch that raises is redone one session at a time, so only
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from .motion import sample_windows
 from .device import synchronize, to_host
+from .features import rows_of
+from .motion import sample_windows
 from .portrait import uint8_images
 
 
@@ -31,6 +34,7 @@ class _Job:
         self.kind, self.gen, self.payload = item
         self.t0 = port.now()
         self.blocks = []
+        self.hubert = []                # per block: (samples, first row, end row) for HuBERT, if deferred
         self.ok = True
 
     def fail(self, e: BaseException) -> None:
@@ -49,10 +53,16 @@ def run_together(work: list) -> list:
     jobs = [_Job(port, item) for port, item in work if can_batch(port, item)]
     rest = [(port, item) for port, item in work if not can_batch(port, item)]
     for job in jobs:
+        features = job.port.animator.features
+        features.deferred = [] if features.can_defer else None
         try:
             job.blocks = job.port.animator.accept(job.payload if job.kind == "push" else None)
+            job.hubert = features.deferred or []
         except Exception as e:          # noqa: BLE001 -- this session's failure, reported to it
             job.fail(e)
+        finally:
+            features.deferred = None
+    _hubert([job for job in jobs if job.ok])
     for j in range(max((len(job.blocks) for job in jobs), default=0)):
         _wave([(job, job.blocks[j]) for job in jobs if job.ok and j < len(job.blocks)])
     for job in jobs:
@@ -74,6 +84,38 @@ def _each(items, fn):
         except Exception as e:          # noqa: BLE001 -- this session's failure, reported to it
             item[0].fail(e)
     return out
+
+
+def _hubert(jobs) -> None:
+    """The deferred HuBERT windows of every session: those of one length in one model call; each block
+    then gets its rows (and its share of the time)."""
+    groups: dict = {}
+    for job in jobs:
+        for i, (x, lo, hi) in enumerate(job.hubert):
+            groups.setdefault((id(job.port.animator.features._raw.model), len(x)), []).append((job, i, x, lo, hi))
+    for reqs in groups.values():
+        a0 = reqs[0][0].port.animator
+        t0 = a0.now()
+        try:
+            with a0.models.autocast(), torch.inference_mode():
+                states = a0.features._raw.states_batch([x for _, _, x, _, _ in reqs])
+        except Exception:               # noqa: BLE001 -- each alone, so only the failing session pays
+            states = []
+            for job, _, x, _, _ in reqs:
+                try:
+                    with a0.models.autocast(), torch.inference_mode():
+                        states.append(a0.features._raw.states_batch([x])[0])
+                except Exception as e:  # noqa: BLE001
+                    states.append(None)
+                    if job.ok:
+                        job.fail(e)
+        synchronize(a0.models.device)
+        share = (a0.now() - t0) / len(reqs)
+        for (job, i, _, lo, hi), st in zip(reqs, states):
+            if job.ok and st is not None:
+                job.port.animator.timings["features"] += share
+                job.blocks[i] = replace(job.blocks[i], feats=rows_of(st, lo, hi),
+                                        features_s=job.blocks[i].features_s + share)
 
 
 def _wave(pairs) -> None:

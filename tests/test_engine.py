@@ -95,22 +95,27 @@ def test_a_session_on_a_shared_worker_gets_bit_identical_frames(tiny):
     assert not np.array_equal(reference[0][20].image, reference[1][20].image)   # the sessions do differ
 
 
-def test_batched_sessions_match_alone_within_rounding(tiny):
-    """Batching stacks the DDIM windows and the renderer's frames of all sessions: batched kernels round
+def test_batched_sessions_match_alone_within_rounding(tiny, monkeypatch):
+    """Batching stacks the HuBERT windows, the DDIM windows and the renderer's frames of all sessions
+    (each seen here in batches of 3): batched kernels round
     differently: codes agree to 1e-4 and pictures to 4 grey levels, in at most 0.1 % of their values
     (measured: codes 1.5e-6, pictures 3 grey levels at most, 0.02 % of the values differ at all)."""
     ws = waves()
     reference = [alone(a, w) for a, w in zip(animators(tiny), ws)]
-    worker = EngineWorker(batch=True)
-    batched = []
-    import avatar.batch as batch
-    run = batch.run_together
-    batch.run_together = lambda work: (batched.append(len(work)), run(work))[1]
-    try:
-        frames, errors, _ = on_worker(worker, animators(tiny), ws)
-    finally:
-        batch.run_together = run
-    assert errors == [[], [], []] and max(batched) == 3
+    sizes = {"hubert": [], "ddim": [], "render": []}
+
+    def spy(name, owner, attr, size):
+        original = getattr(owner, attr)
+        monkeypatch.setattr(owner, attr, lambda *a, **k: (sizes[name].append(size(*a, **k)), original(*a, **k))[1])
+    from avatar import batch
+    from models.frontend import HubertFrontend
+    spy("hubert", HubertFrontend, "states_batch", lambda self, waves: len(waves))
+    spy("ddim", batch, "sample_windows", lambda windows: len(windows))
+    models = tiny[0]
+    spy("render", models, "_render", lambda wa, alphas, feats: len(alphas))
+    frames, errors, _ = on_worker(EngineWorker(batch=True), animators(tiny), ws)
+    assert errors == [[], [], []]
+    assert max(sizes["hubert"]) == 3 and max(sizes["ddim"]) == 3 and max(sizes["render"]) == 3 * CONFIG.hop
     for got, want in zip(frames, reference):
         assert [f.pts for f in got] == [f.pts for f in want]
         for x, y in zip(got, want):
