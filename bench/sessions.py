@@ -99,8 +99,8 @@ async def run_n(n: int, models, photos, wave, seconds: float, batch) -> dict:
     first = [r["first_audio_to_frame_ms"] for r in rows if r["first_audio_to_frame_ms"] is not None]
     pct = lambda xs, q: round(float(np.percentile(xs, q)), 1) if xs else None   # noqa: E731
     return dict(sessions=n, batched=bool(engine.batch), wall_s=round(wall, 1),
-                aggregate_drawn_fps=round(sum(drawn), 1), per_session_drawn_fps_min=round(min(drawn), 1),
-                per_session_drawn_fps_median=round(float(np.median(drawn)), 1),
+                aggregate_drawn_fps=round(sum(drawn), 2), per_session_drawn_fps_min=round(min(drawn), 2),
+                per_session_drawn_fps_median=round(float(np.median(drawn)), 2),
                 first_frame_ms_p50=pct(first, 50), first_frame_ms_p95=pct(first, 95),
                 frame_latency_p95_ms=max((r["latency_p95_ms"] or 0.0) for r in rows),
                 held=sum(r["held"] for r in rows), repeats=sum(r["repeats"] for r in rows),
