@@ -154,6 +154,8 @@ class AvatarPool:
         if avatar not in self.avatars:
             return
         self.avatars.discard(avatar)
+        await asyncio.sleep(0)          # one closed as soon as it opened: run() begins, so stop() ends it
+        avatar.session.interrupt()      # its queued speech goes now: stop() alone would play it out first
         avatar.session.stop()
         try:
             await avatar.task

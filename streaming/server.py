@@ -241,7 +241,7 @@ class AvatarServer:
         self._attach(avatar)
         ticker = asyncio.create_task(self._tick(client))
         try:
-            await ws.send(json.dumps(self._config(client)))
+            await self._send(ws, self._config(client))
             async for message in self._messages(ws):
                 client.last_input = time.monotonic()
                 try:

@@ -1,0 +1,288 @@
+"""A session per client (streaming/avatars.py behind the server): real WebSocket and HTTP clients against
+a live server; each client's avatar is its own, and one client's trouble is no other's."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import socket
+
+import numpy as np
+import pytest
+
+pytest.importorskip("aiortc")
+pytest.importorskip("websockets")
+
+from streaming.avatars import AvatarPool  # noqa: E402
+from streaming.server import MAX_QUEUED_S, MAX_TEXTS, AvatarServer  # noqa: E402
+from streaming.testing import PortraitAnimator  # noqa: E402
+
+RED, BLUE = (220, 30, 30), (30, 30, 220)
+
+
+async def fake_tts(text, voice=None, speed=None):
+    for _ in text.split("."):
+        yield np.full(8000, 3000, np.int16), 8000          # 1 s per sentence
+
+
+def pooled(coro_fn, make=None, max_sessions: int = 4, timeout: float = 60, **server_kw):
+    """Run coro_fn(server, pool) against a live server that gives each client its own session."""
+    async def main():
+        pool = AvatarPool(make or (lambda rgb: PortraitAnimator(rgb, size=64)), max_sessions=max_sessions)
+        async with AvatarServer(avatars=pool, port=0, tts=fake_tts, **server_kw) as server:
+            await asyncio.wait_for(coro_fn(server, pool), timeout)
+        assert pool.count == 0                  # closing the server ended every session
+    asyncio.run(main())
+
+
+def photo(color, size=(96, 96), fmt="PNG") -> str:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+async def reply(ws, skip=("metrics",)) -> dict:
+    while (msg := json.loads(await ws.recv()))["op"] in skip:
+        pass
+    return msg
+
+
+def mine(server, ws):
+    """The server's side of the client connected as ws."""
+    return next(c for c in server.clients if c.ws.remote_address == ws.local_address)
+
+
+async def until(check, timeout: float) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def next_frame(session):
+    async for frame in session.frames():
+        if not frame.meta.get("repeat"):
+            return frame
+
+
+async def loud_frames(session, n: int) -> bool:
+    """n frames with sound come out (within 10 s)."""
+    async def count():
+        seen = 0
+        async for frame in session.frames():
+            seen += float(np.abs(frame.audio).max()) > 0.05
+            if seen >= n:
+                return True
+    return await asyncio.wait_for(count(), 10)
+
+
+def url(server, path="/ws") -> str:
+    return f"ws://127.0.0.1:{server.port}{path}"
+
+
+def test_each_client_has_its_own_session_portrait_and_controls_and_trouble_stays_its_own():
+    from websockets.asyncio.client import connect
+
+    async def go(server, pool):
+        async with connect(url(server)) as a, connect(url(server)) as b:
+            for ws in (a, b):
+                config = json.loads(await ws.recv())
+                assert config["op"] == "config" and config["portrait"] and config["own"]
+            assert pool.count == 2
+            ca, cb = (mine(server, ws) for ws in (a, b))
+            assert ca.avatar.session is not cb.avatar.session and ca.avatar.sink is not cb.avatar.sink
+            # each wears its own portrait
+            await a.send(json.dumps({"op": "portrait", "image": photo(RED)}))
+            assert await reply(a) == {"op": "portrait", "width": 96, "height": 96}
+            await b.send(json.dumps({"op": "portrait", "image": photo(BLUE, fmt="JPEG")}))
+            assert (await reply(b))["op"] == "portrait"
+            fa, fb = await next_frame(ca.avatar.session), await next_frame(cb.avatar.session)
+            assert np.abs(fa.image[4, 4].astype(int) - RED).max() < 4, fa.image[4, 4]
+            assert np.abs(fb.image[4, 4].astype(int) - BLUE).max() < 12, fb.image[4, 4]   # JPEG
+            # a's bad input, its interrupt and its departure: errors and changes for a alone
+            for bad in ({"op": "portrait", "image": "%%%"}, {"op": "portrait", "image": base64.b64encode(b"no").decode()},
+                        {"op": "portrait", "image": photo(RED, size=(3000, 70))},
+                        {"op": "portrait", "image": photo(RED, size=(40, 40))},
+                        {"op": "portrait"}, {"op": "controls", "yaw": 5}, {"op": "dance"}):
+                await a.send(json.dumps(bad))
+                assert (await reply(a))["op"] == "error", bad
+            await a.send(b"\x00\x01")
+            assert (await reply(a))["op"] == "error"
+            assert (await next_frame(ca.avatar.session)).image[4, 4].tolist() == fa.image[4, 4].tolist()  # still red
+            await b.send(json.dumps({"op": "say", "text": "One. Two. Three."}))
+            await a.send(json.dumps({"op": "interrupt"}))
+            await until(lambda: cb.avatar.session.metrics.interrupts or ca.avatar.session.metrics.interrupts, 5)
+            assert ca.avatar.session.metrics.interrupts == 1 and cb.avatar.session.metrics.interrupts == 0
+            assert await loud_frames(cb.avatar.session, 20)      # b's speech plays on
+            frames_b = cb.avatar.session.clock.stats.frames
+            await a.close()
+            assert await until(lambda: pool.count == 1, 5)
+            await asyncio.sleep(0.5)
+            assert cb.avatar.session.clock.stats.frames > frames_b and cb.avatar.task and not cb.avatar.task.done()
+            m = await reply(b, skip=("error",))
+            while m["sessions"] != 1:                  # metrics sent before a left may still be queued
+                m = await reply(b, skip=("error",))
+            assert m["op"] == "metrics" and m["errors"] == 0 and m["sessions"] == 1 and m["clients"] == 1
+    pooled(go)
+
+
+def test_a_client_beyond_capacity_is_refused_with_a_reason_and_a_place_frees_when_one_leaves():
+    import urllib.error
+    import urllib.request
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    async def go(server, pool):
+        async with connect(url(server)) as a:
+            await a.recv()
+            async with connect(url(server)) as b:
+                await b.recv()
+                with pytest.raises(InvalidStatus) as refused:
+                    async with connect(url(server)):
+                        pass
+                assert refused.value.response.status_code == 503
+                assert b"the server is full: it runs 2 avatars at once" in refused.value.response.body
+
+                def page():
+                    try:
+                        urllib.request.urlopen(f"http://127.0.0.1:{server.port}/")
+                    except urllib.error.HTTPError as e:
+                        return e.code, e.read().decode()
+                status, text = await asyncio.to_thread(page)
+                assert status == 503 and "the server is full" in text and "<h1>" in text
+            assert await until(lambda: pool.count == 1, 5)
+            async with connect(url(server)) as c:
+                assert json.loads(await c.recv())["op"] == "config"
+    pooled(go, max_sessions=2)
+
+
+def test_an_idle_client_is_told_and_released_and_a_busy_one_is_not():
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosedOK
+
+    async def go(server, pool):
+        async with connect(url(server)) as idle, connect(url(server)) as busy:
+            for ws in (idle, busy):
+                await ws.recv()
+            await busy.send(json.dumps({"op": "audio", "rate": 16000, "format": "s16"}))
+
+            async def keep_busy():
+                while True:
+                    await busy.send(np.zeros(1600, "<i2").tobytes())     # 0.1 s every 0.1 s
+                    await asyncio.sleep(0.1)
+            sender = asyncio.create_task(keep_busy())
+            msg = await reply(idle)
+            assert msg["op"] == "idle" and "released" in msg["reason"], msg
+            with pytest.raises(ConnectionClosedOK):
+                await idle.recv()
+            assert idle.close_code == 1000 and idle.close_reason == "idle"
+            await asyncio.sleep(1.5)                  # past the timeout for busy too: it kept sending
+            assert pool.count == 1 and len(server.clients) == 1
+            sender.cancel()
+    pooled(go, idle_timeout=1.0)
+
+
+def test_queued_audio_and_texts_are_bounded_per_client_and_cancelled_when_it_leaves():
+    from websockets.asyncio.client import connect
+
+    async def go(server, pool):
+        async with connect(url(server)) as ws:
+            await ws.recv()
+            client = mine(server, ws)
+            await ws.send(json.dumps({"op": "audio", "rate": 16000, "format": "s16"}))
+            second = np.zeros(16000, "<i2").tobytes()
+            for _ in range(int(MAX_QUEUED_S)):
+                await ws.send(second)
+            await ws.send(second)
+            msg = await reply(ws)
+            assert msg["op"] == "error" and "queued already" in msg["error"], msg
+            assert MAX_QUEUED_S - 2 < client.queued_s <= MAX_QUEUED_S
+            await ws.send(json.dumps({"op": "audio", "rate": 16000, "format": "s16", "live": True}))
+            await ws.send(second)                  # live audio is bounded by dropping, never refused
+            await ws.send(json.dumps({"op": "interrupt"}))
+            for _ in range(MAX_TEXTS + 1):
+                await ws.send(json.dumps({"op": "say", "text": "Hello there. " * 300}))
+            msg = await reply(ws)
+            assert msg["op"] == "error" and f"{MAX_TEXTS} texts are waiting" in msg["error"], msg
+            await ws.send(json.dumps({"op": "say", "text": "x" * 5001}))
+            assert "1 to 5000 characters" in (await reply(ws))["error"]
+            assert await until(lambda: client.queued_s > MAX_QUEUED_S - 2, 10)   # the texts wait for room
+            tasks, avatar = set(client.speech), client.avatar
+            assert len(tasks) == MAX_TEXTS
+        # its texts are cancelled and its session ends now, its queued minute of speech unplayed
+        assert await until(lambda: all(t.done() for t in tasks) and avatar.task.done(), 5)
+        assert all(t.cancelled() for t in tasks) and pool.count == 0
+        assert avatar.task.result()["frames"] < 25 * 30
+    pooled(go)
+
+
+def raw_http(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_the_http_side_refuses_rebinding_other_methods_and_doubled_hosts():
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    async def status_of(uri, **kw):
+        try:
+            async with connect(uri, **kw):
+                return 101
+        except InvalidStatus as e:
+            return e.response.status_code
+
+    async def go(server, pool):
+        port = server.port
+
+        def get(host_lines: str, method="GET", path="/") -> tuple[int, list[str]]:
+            head = raw_http(port, f"{method} {path} HTTP/1.1\r\n{host_lines}Connection: close\r\n\r\n".encode())
+            lines = head.split(b"\r\n\r\n")[0].decode().split("\r\n")
+            return int(lines[0].split()[1]), lines[1:]
+
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LOCALHOST:{port}"):
+            status, headers = await asyncio.to_thread(get, f"Host: {host}\r\n")
+            assert status == 200, host
+            assert sum(h.lower().startswith("content-type:") for h in headers) == 1, headers
+        status, headers = await asyncio.to_thread(get, f"Host: 127.0.0.1:{port}\r\n", path="/app.js")
+        assert status == 200 and [h for h in headers if h.lower().startswith("content-type")] == \
+            ["Content-Type: text/javascript; charset=utf-8"]
+        for host in (f"evil.example:{port}", "127.0.0.1", f"127.0.0.1:{port + 1}", f"127.0.0.1.evil.example:{port}"):
+            assert (await asyncio.to_thread(get, f"Host: {host}\r\n"))[0] == 403, host
+        assert (await asyncio.to_thread(get, f"Host: 127.0.0.1:{port}\r\nHost: evil.example:{port}\r\n"))[0] == 400
+        for method in ("POST", "PUT", "DELETE", "OPTIONS"):
+            status, headers = await asyncio.to_thread(get, f"Host: 127.0.0.1:{port}\r\n", method)
+            assert status == 405 and "Allow: GET" in headers, method
+        # DNS rebinding: the attacker's name resolves to 127.0.0.1, its page's Origin matches its Host
+        evil = f"evil.example:{port}"
+        assert await status_of(f"ws://{evil}/ws", host="127.0.0.1", port=port, origin=f"http://{evil}") == 403
+        assert await status_of(url(server), origin="http://evil.example") == 403
+        assert await status_of(url(server), origin=f"http://127.0.0.1:{port}") == 101
+        assert await status_of(url(server)) == 101                 # programs send no Origin
+        assert await until(lambda: pool.served == 2 and pool.count == 0, 5)
+    pooled(go)
+
+
+def test_a_token_server_takes_any_host_name_but_checks_the_token():
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    async def go(server, pool):
+        host = f"avatar.example:{server.port}"
+        there = {"host": "127.0.0.1", "port": server.port}       # the name resolves to this machine
+        with pytest.raises(InvalidStatus) as e:
+            async with connect(f"ws://{host}/ws", **there):
+                pass
+        assert e.value.response.status_code == 401
+        async with connect(f"ws://{host}/ws?token=s3cret", origin=f"http://{host}", **there) as ws:
+            assert json.loads(await ws.recv())["op"] == "config"
+    pooled(go, token="s3cret")
