@@ -286,3 +286,114 @@ def test_a_token_server_takes_any_host_name_but_checks_the_token():
         async with connect(f"ws://{host}/ws?token=s3cret", origin=f"http://{host}", **there) as ws:
             assert json.loads(await ws.recv())["op"] == "config"
     pooled(go, token="s3cret")
+
+
+def test_sessions_of_the_real_engine_share_the_loaded_models_and_wear_their_own_portraits(tiny_checkpoints, one_thread):
+    """Two clients of the tiny StreamingAnimator: one loaded Models, two portraits, two different videos."""
+    from PIL import Image
+    from websockets.asyncio.client import connect
+
+    from avatar.animator import StreamConfig, StreamingAnimator
+    from avatar.pipeline import encode_portrait, load_models
+    from avatar.portrait import asset_path, load_image, prepare_portrait, to_tensor
+    import torch
+
+    models = load_models(tiny_checkpoints, "hubert_audio_only", "cpu")
+    bundled = load_image(asset_path("portrait.jpg"))
+
+    def make(rgb):
+        code = encode_portrait(models, to_tensor(prepare_portrait(bundled if rgb is None else rgb).image))
+        return StreamingAnimator(models, code, StreamConfig(hop=5, context=5, lookahead=2, audio_context=10, steps=3))
+
+    darker = Image.fromarray((bundled * 0.4).astype(np.uint8))
+    buf = io.BytesIO()
+    darker.save(buf, "JPEG")
+
+    async def go(server, pool):
+        async with connect(url(server)) as a, connect(url(server)) as b:
+            await a.recv(), await b.recv()
+            await b.send(json.dumps({"op": "portrait", "image": base64.b64encode(buf.getvalue()).decode()}))
+            assert (await reply(b))["op"] == "portrait"
+            ca, cb = mine(server, a), mine(server, b)
+            assert ca.avatar.session.animator.models is cb.avatar.session.animator.models is models
+            code_a, code_b = ca.avatar.session.animator.code, cb.avatar.session.animator.code
+            assert not torch.equal(code_a.feats[0], code_b.feats[0])          # each engine has its photo
+            fa, fb = await next_frame(ca.avatar.session), await next_frame(cb.avatar.session)
+            assert fa.image.shape == fb.image.shape and np.abs(fa.image.astype(int) - fb.image).mean() > 1
+            await b.send(json.dumps({"op": "portrait", "image": photo(RED, size=(128, 128))}))
+            msg = await reply(b)                      # no face in a red square: b's error, b's avatar stays
+            assert msg["op"] == "error" and "face" in msg["error"], msg
+            assert mine(server, b).avatar is cb.avatar and not cb.avatar.task.done()
+    pooled(go, make=make)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+FLOODER = """
+import asyncio, json, sys
+from websockets.asyncio.client import connect
+
+async def main(port, what, counts):
+    mib = bytes(1 << 20)                                  # 1 MiB of s16 silence: 33 s at 16 kHz
+    text = ("Hello there. " * 400)[:5000]
+    for n in counts:
+        async with connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            await ws.recv()
+            errors = 0
+
+            async def read():
+                nonlocal errors
+                async for message in ws:
+                    errors += json.loads(message)["op"] == "error"
+            reader = asyncio.create_task(read())
+            await ws.send(json.dumps({"op": "audio", "rate": 16000, "format": "s16"}))
+            for _ in range(n):
+                await ws.send(mib if what == "pcm" else json.dumps({"op": "say", "text": text}))
+            while errors < n - 8:                         # every message beyond the bounds is answered
+                await asyncio.sleep(0.05)
+            print(errors, flush=True)
+            reader.cancel()
+        input()                                           # the test measures, then lets the next one go
+
+asyncio.run(main(int(sys.argv[1]), sys.argv[2], [int(n) for n in sys.argv[3:]]))
+"""
+
+
+def test_memory_stays_bounded_under_floods_of_audio_and_texts():
+    """The server's RSS (it runs here; the flooding client is another process) while one client sends
+    500 x 1 MiB of non-live PCM, then 200 more twice, each time on a new connection that it then closes;
+    then 400 say texts of 5,000 characters, three times. RSS is sampled every 20 ms: the peak during a
+    flood and the level after it. The first flood lifts RSS to a high-water mark (allocator arenas,
+    websockets' buffers); the later ones must not climb above it. Figures are printed (pytest -s)."""
+    import subprocess
+    import sys
+
+    async def go(server, pool):
+        for what, counts in (("pcm", (500, 200, 200)), ("say", (400, 400, 400))):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", FLOODER, str(server.port), what, *map(str, counts),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            base = peak = rss_mb()
+            peaks, after, refused = [], [], []
+            for _ in counts:
+                line = asyncio.ensure_future(proc.stdout.readline())
+                while not line.done():
+                    peak = max(peak, rss_mb())
+                    await asyncio.sleep(0.02)
+                refused.append(int(line.result()))
+                assert await until(lambda: pool.count == 0, 10)       # it left: its session ended
+                after.append(rss_mb())
+                peaks.append(peak)
+                peak = rss_mb()
+                proc.stdin.write(b"\n")
+            await proc.wait()
+            print(f"{what}: RSS MB at start {base:.0f}; peak during each flood {[round(p) for p in peaks]}, "
+                  f"after it {[round(a) for a in after]}; refused {refused} of {list(counts)}")
+            # accepted: the first MiB (33 s; a second would pass the minute), the first MAX_TEXTS texts
+            assert [n - r for n, r in zip(counts, refused)] == ([1] * 3 if what == "pcm" else [MAX_TEXTS] * 3)
+            assert peaks[0] - base < 100
+            assert max(peaks[1:]) - peaks[0] < 20 and max(after[1:]) - after[0] < 20
+    pooled(go, timeout=240)
