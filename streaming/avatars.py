@@ -115,7 +115,7 @@ class AvatarPool:
 
     def full(self, clients: int) -> str | None:
         if max(clients, len(self.avatars) + self.opening) >= self.capacity:
-            return (f"the server is full: it runs {self.capacity} avatar{'s' * (self.capacity != 1)} at "
+            return (f"The server is full: it runs {self.capacity} avatar{'s' * (self.capacity != 1)} at "
                     "once (--max-sessions); try again when someone leaves")
         return None
 

@@ -146,7 +146,7 @@ def test_a_client_beyond_capacity_is_refused_with_a_reason_and_a_place_frees_whe
                     async with connect(url(server)):
                         pass
                 assert refused.value.response.status_code == 503
-                assert b"the server is full: it runs 2 avatars at once" in refused.value.response.body
+                assert b"The server is full: it runs 2 avatars at once" in refused.value.response.body
 
                 def page():
                     try:
@@ -154,7 +154,7 @@ def test_a_client_beyond_capacity_is_refused_with_a_reason_and_a_place_frees_whe
                     except urllib.error.HTTPError as e:
                         return e.code, e.read().decode()
                 status, text = await asyncio.to_thread(page)
-                assert status == 503 and "the server is full" in text and "<h1>" in text
+                assert status == 503 and "The server is full" in text and "<h1>" in text
             assert await until(lambda: pool.count == 1, 5)
             async with connect(url(server)) as c:
                 assert json.loads(await c.recv())["op"] == "config"
