@@ -236,6 +236,11 @@ class AvatarServer:
         except Full as e:                   # another client took the last place since the handshake
             await ws.close(1013, str(e)[:120])
             return
+        except Exception as e:              # noqa: BLE001 -- the engine could not be made: this client hears why
+            log.warning("could not open an avatar: %s", e)
+            await self._send(ws, {"op": "error", "error": f"could not start an avatar: {e}"})
+            await ws.close(1011, "could not start an avatar")
+            return
         client = Client(ws, avatar)
         self.clients.add(client)
         self._attach(avatar)

@@ -397,3 +397,53 @@ def test_memory_stays_bounded_under_floods_of_audio_and_texts():
             assert peaks[0] - base < 100
             assert max(peaks[1:]) - peaks[0] < 20 and max(after[1:]) - after[0] < 20
     pooled(go, timeout=240)
+
+
+def test_the_command_serves_a_session_per_client_up_to_max_sessions(tmp_path):
+    """`anitalker live --serve --test-pattern --max-sessions 1`: one client gets an avatar, the next is
+    refused with the reason; SIGINT ends it with 130 and how many sessions it served."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bad = subprocess.run([sys.executable, "-m", "streaming.cli", "live", "--serve", "--test-pattern",
+                          "--max-sessions", "0", "--port", str(port)], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: --max-sessions must be at least 1, got 0"
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "streaming.cli", "live", "--serve", "--test-pattern",
+                                 "--max-sessions", "1", "--port", str(port), "--metrics-every", "0.5"],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f)
+    try:
+        deadline = time.monotonic() + 60
+        while "open http://" not in err.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
+            time.sleep(0.1)
+        with connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            config = json.loads(ws.recv())
+            assert config["own"] and not config["portrait"]        # the test pattern wears no portrait
+            ws.send(json.dumps({"op": "portrait", "image": photo(RED)}))
+            assert "takes no portrait" in json.loads(ws.recv())["error"]
+            with pytest.raises(InvalidStatus) as refused:
+                connect(f"ws://127.0.0.1:{port}/ws").close()
+            assert refused.value.response.status_code == 503
+            while "session 1/1:" not in err.read_text():
+                assert time.monotonic() < deadline, err.read_text()
+                time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = err.read_text()
+    assert proc.returncode == 130 and "Traceback" not in text, text
+    lines = text.strip().splitlines()
+    assert lines[-2:] == ["metrics: sessions_served 1", "interrupted by SIGINT"], text
