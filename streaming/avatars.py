@@ -72,6 +72,7 @@ class Full(AnitalkerError):
 class SharedAvatar:
     """Every client drives and sees one session, run by the caller."""
     portraits = False
+    own = False                                 # the clients share it
     count = 1                                   # sessions open
 
     def __init__(self, session, sink, max_clients: int = 8):
@@ -98,6 +99,7 @@ class AvatarPool:
     """A session per client over one engine. make_animator(portrait rgb or None) builds a client's
     animator (it runs on a thread: encoding a portrait takes a moment). portraits=False: the animator
     ignores portraits (the test pattern), so the page offers no chooser."""
+    own = True
 
     def __init__(self, make_animator, *, max_sessions: int = 4, webrtc=None, engine=None, lead_frames=None,
                  portraits: bool = True, time_source=None):

@@ -272,9 +272,8 @@ class AvatarServer:
         if client.pc is not None:
             await client.avatar.sink.disconnect(client.pc)
             client.pc = None
-        if not any(c.avatar is client.avatar for c in self.clients):
-            if client.avatar is not getattr(self.avatars, "avatar", None):
-                self._detach(client.avatar)
+        if self.avatars.own:
+            self._detach(client.avatar)
             await self.avatars.close(client.avatar)
 
     def _config(self, client: Client) -> dict:
@@ -284,7 +283,7 @@ class AvatarServer:
         mode = "reenact" if hasattr(session.animator, "calibrate") else "audio"
         return {"op": "config", "ice_servers": ice, "mode": mode, "camera": self.camera is not None,
                 "calibrate": self._calibrates(session), "controls": list(session.controls),
-                "portrait": self.avatars.portraits, "own": not isinstance(self.avatars, SharedAvatar)}
+                "portrait": self.avatars.portraits, "own": self.avatars.own}
 
     @staticmethod
     async def _messages(ws):

@@ -272,6 +272,29 @@ def test_the_http_side_refuses_rebinding_other_methods_and_doubled_hosts():
     pooled(go)
 
 
+def test_an_oversized_message_closes_its_sender_alone_with_one_log_line(caplog):
+    import logging
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosedError
+
+    async def go(server, pool):
+        async with connect(url(server)) as big, connect(url(server)) as other:
+            await big.recv(), await other.recv()
+            with caplog.at_level(logging.INFO, logger="streaming.server"):
+                await big.send(bytes((1 << 20) + 1))
+                with pytest.raises(ConnectionClosedError):
+                    while True:
+                        await big.recv()
+                assert big.close_code == 1009                  # message too big
+                assert await until(lambda: pool.count == 1, 5)
+            await other.send(json.dumps({"op": "say", "text": "Still here."}))
+            assert await loud_frames(mine(server, other).avatar.session, 10)
+        said = [r for r in caplog.records if r.name == "streaming.server"]
+        assert len(said) == 1 and "left without closing" in said[0].getMessage() and not said[0].exc_info
+    pooled(go)
+
+
 def test_a_token_server_takes_any_host_name_but_checks_the_token():
     from websockets.asyncio.client import connect
     from websockets.exceptions import InvalidStatus

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import shutil
+import time
 import urllib.request
 from pathlib import Path
 
@@ -101,8 +102,19 @@ def test_two_pages_choose_their_own_portraits_and_see_their_own_avatars(tmp_path
         photos[name] = tmp_path / f"{name}.png"
         Image.new("RGB", (600, 400), color).save(photos[name])    # larger than 512: the page shrinks it
 
+    class Slow(PortraitAnimator):
+        """Draws about 12 frames/s whatever it is given: a machine that cannot keep 25."""
+        def _emit(self):
+            frames = super()._emit()
+            time.sleep(0.08 * len(frames))
+            return frames
+
+    def make(rgb):          # the blue photo's avatar runs on a "slow machine", the others at full speed
+        slow = rgb is not None and rgb[0, 0, 2] > 150
+        return (Slow if slow else PortraitAnimator)(rgb, size=128)
+
     async def main():
-        pool = AvatarPool(lambda rgb: PortraitAnimator(rgb, size=128), max_sessions=2)
+        pool = AvatarPool(make, max_sessions=2)
         async with AvatarServer(avatars=pool, port=0) as server:
             page = f"http://127.0.0.1:{server.port}/"
             with chromium(page, tmp_path / "a", SIZE), chromium(page, tmp_path / "b", SIZE):
@@ -127,6 +139,10 @@ def test_two_pages_choose_their_own_portraits_and_see_their_own_avatars(tmp_path
                 text = await until(lambda: tabs[0].js(
                     'document.body.innerText.includes("Frame rate") && document.body.innerText'), 10)
                 print(text)
+                slow = await until(lambda: tabs[1].js(
+                    'document.body.innerText.includes("This machine renders") && document.body.innerText'), 15)
+                print(slow)
+                assert slow and "fewer than the 25" in slow           # it draws 12.5 frames/s at most
                 assert "Talk to an avatar" in text and "Choose a photo" in text
                 for word in ("Latency", "Frame rate", "Skipped frames", "Avatars on this server: 2 of 2"):
                     assert word in text, (word, text)

@@ -106,7 +106,7 @@ function show() {
   const skipped = (server.repeats || 0) + (server.held || 0);
   if (server.frames != null) lines.push(`Skipped frames: ${skipped} of ${server.frames}` + (server.frames ? ` (${(100 * skipped / server.frames).toFixed(1)}%)` : "") +
     (browser.framesDropped ? `, ${browser.framesDropped} dropped by this browser` : ""));
-  if (server.drawn_fps != null && server.drawn_fps < 24)
+  if (server.drawn_fps != null && server.drawn_fps < 24 && server.frames >= 50)     // judged after 2 s
     warn.push(`This machine renders ${server.drawn_fps.toFixed(1)} frames/s, fewer than the 25 a smooth picture needs: the last picture is repeated between them (the voice is not affected)`);
   if (server.sessions != null && config && config.own) lines.push(`Avatars on this server: ${server.sessions} of ${server.capacity}`);
   if (server.errors) warn.push(`The engine reported ${server.errors} error${server.errors > 1 ? "s" : ""}` + (server.last_error ? `: ${server.last_error}` : ""));
