@@ -470,3 +470,59 @@ def test_the_command_serves_a_session_per_client_up_to_max_sessions(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in text, text
     lines = text.strip().splitlines()
     assert lines[-2:] == ["metrics: sessions_served 1", "interrupted by SIGINT"], text
+
+
+def test_the_command_with_the_real_engine_gives_a_client_its_own_portrait(tmp_path, tiny_checkpoints):
+    """`anitalker live --serve` over the tiny checkpoints: the models load once, a client's photo becomes
+    its avatar, a photo without a face is that client's error line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from PIL import Image
+    from websockets.sync.client import connect
+
+    from avatar.portrait import asset_path
+    from conftest import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "streaming.cli", "live", "--serve", "--port", str(port),
+                                 "--checkpoints", str(tiny_checkpoints), "--device", "cpu", "--steps", "5",
+                                 "--hop", "5", "--lookahead", "2", "--context", "5"],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    buf = io.BytesIO()
+    Image.open(asset_path("portrait.jpg")).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(buf, "JPEG")
+    try:
+        deadline = time.monotonic() + 120
+        while "open http://" not in err.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
+            time.sleep(0.1)
+        with connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            assert json.loads(ws.recv())["portrait"]
+            ws.send(json.dumps({"op": "portrait", "image": photo(RED, size=(200, 200))}))
+            msg = json.loads(ws.recv())
+            while msg["op"] == "metrics":
+                msg = json.loads(ws.recv())
+            assert msg["op"] == "error" and "face" in msg["error"], msg
+            ws.send(json.dumps({"op": "portrait", "image": base64.b64encode(buf.getvalue()).decode()}))
+            while msg["op"] != "portrait":
+                msg = json.loads(ws.recv(timeout=60))
+            while msg["op"] != "metrics" or not msg["frames"]:
+                msg = json.loads(ws.recv(timeout=30))
+            assert msg["sessions"] == 1 and msg["errors"] == 0, msg
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = err.read_text()
+    assert proc.returncode == 130 and "Traceback" not in text, text
+    assert text.count("speed: ") == 1                         # the models were loaded and measured once
+    assert "metrics: sessions_served 2" in text               # the default avatar, then the photo's
