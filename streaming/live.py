@@ -143,6 +143,8 @@ def output_spec(args) -> str:
 def prepare_outputs(args) -> list:
     """The sinks of --to and -o, checked (names, folders, devices) before the (slow) model load."""
     args.to = output_spec(args)
+    if args.idle_timeout < 0:
+        raise AnitalkerError(f"--idle-timeout takes seconds (0: never), got {args.idle_timeout:g}")
     if args.serve and "webrtc" not in args.to.split(","):
         args.to += ",webrtc"
     if "webrtc" in args.to.split(","):
@@ -215,8 +217,9 @@ def run_session(session: Session, source, args, camera=None) -> dict:
     return summary
 
 
-def run_pool(pool, args) -> dict:
-    """`live --serve`: a session per client until SIGINT or SIGTERM; then how many were served."""
+def run_pool(pool, args) -> None:
+    """`live --serve`: a session per client until SIGINT or SIGTERM, then how many were served; raises
+    Interrupted (exit 130 / 143), as run_session does for a session that only an interrupt ends."""
     print(f"a session per client, up to {pool.capacity} at once; outputs: webrtc", file=sys.stderr)
     stopped: dict = {}
     asyncio.run(_signals(_serve_pool(pool, args), stopped, lambda task: task.cancel()))
