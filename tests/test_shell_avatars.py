@@ -130,6 +130,37 @@ def test_each_client_has_its_own_session_portrait_and_controls_and_trouble_stays
     pooled(go)
 
 
+def test_an_engine_that_fails_ends_its_own_client_only():
+    """One client's engine fails on everything (its portrait is red): that client hears each error, then
+    that its avatar stopped, and is closed; the other client's avatar plays on with no error."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosedError
+
+    class Broken(PortraitAnimator):
+        def push(self, chunk):
+            raise RuntimeError("this engine is broken")
+
+    def make(rgb):
+        return (Broken if rgb is not None and rgb[0, 0, 0] > 150 else PortraitAnimator)(rgb, size=64)
+
+    async def go(server, pool):
+        async with connect(url(server)) as a, connect(url(server)) as b:
+            await a.recv(), await b.recv()
+            await a.send(json.dumps({"op": "portrait", "image": photo(RED)}))
+            errors = []
+            with pytest.raises(ConnectionClosedError):
+                while True:
+                    msg = await reply(a)
+                    errors += [msg["error"]] if msg["op"] == "error" else []
+            assert "this engine is broken" in errors[0] and "the avatar stopped" in errors[-1], errors
+            assert a.close_code == 1011
+            await b.send(json.dumps({"op": "say", "text": "Still here."}))
+            cb = mine(server, b)
+            assert await loud_frames(cb.avatar.session, 10)
+            assert cb.avatar.session.summary()["errors"] == 0 and pool.count == 1
+    pooled(go, make=make)
+
+
 def test_a_client_beyond_capacity_is_refused_with_a_reason_and_a_place_frees_when_one_leaves():
     import urllib.error
     import urllib.request
