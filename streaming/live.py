@@ -175,8 +175,13 @@ def cmd_live(args, animator_factory=None, time_source=None, pool_factory=None) -
             raise AnitalkerError("this build has no streaming engine yet; use --test-pattern")
         else:
             make, portraits = pool_factory(args), True
-        run_pool(AvatarPool(make, max_sessions=args.max_sessions, webrtc=sinks[0].options,
-                            lead_frames=args.lead_frames, portraits=portraits, time_source=time_source), args)
+        from .worker import EngineWorker
+        engine = EngineWorker().start()         # one thread owns the models and serves every client's session
+        try:
+            run_pool(AvatarPool(make, max_sessions=args.max_sessions, webrtc=sinks[0].options, engine=engine,
+                                lead_frames=args.lead_frames, portraits=portraits, time_source=time_source), args)
+        finally:
+            engine.stop()
         return 0
     if args.test_pattern:
         animator = _test_pattern(args)

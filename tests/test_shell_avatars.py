@@ -17,6 +17,7 @@ pytest.importorskip("websockets")
 from streaming.avatars import AvatarPool  # noqa: E402
 from streaming.server import MAX_QUEUED_S, MAX_TEXTS, AvatarServer  # noqa: E402
 from streaming.testing import PortraitAnimator  # noqa: E402
+from streaming.worker import EngineWorker  # noqa: E402
 
 RED, BLUE = (220, 30, 30), (30, 30, 220)
 
@@ -26,10 +27,12 @@ async def fake_tts(text, voice=None, speed=None):
         yield np.full(8000, 3000, np.int16), 8000          # 1 s per sentence
 
 
-def pooled(coro_fn, make=None, max_sessions: int = 4, timeout: float = 60, **server_kw):
-    """Run coro_fn(server, pool) against a live server that gives each client its own session."""
+def pooled(coro_fn, make=None, max_sessions: int = 4, timeout: float = 60, engine=None, **server_kw):
+    """Run coro_fn(server, pool) against a live server that gives each client its own session (on one
+    shared engine worker when ``engine`` is given)."""
     async def main():
-        pool = AvatarPool(make or (lambda rgb: PortraitAnimator(rgb, size=64)), max_sessions=max_sessions)
+        pool = AvatarPool(make or (lambda rgb: PortraitAnimator(rgb, size=64)), max_sessions=max_sessions,
+                          engine=engine)
         async with AvatarServer(avatars=pool, port=0, tts=fake_tts, **server_kw) as server:
             await asyncio.wait_for(coro_fn(server, pool), timeout)
         assert pool.count == 0                  # closing the server ended every session
@@ -370,6 +373,7 @@ def test_sessions_of_the_real_engine_share_the_loaded_models_and_wear_their_own_
             assert (await reply(b))["op"] == "portrait"
             ca, cb = mine(server, a), mine(server, b)
             assert ca.avatar.session.animator.models is cb.avatar.session.animator.models is models
+            assert engine.sessions == 2                                      # one thread serves both
             code_a, code_b = ca.avatar.session.animator.code, cb.avatar.session.animator.code
             assert not torch.equal(code_a.feats[0], code_b.feats[0])          # each engine has its photo
             fa, fb = await next_frame(ca.avatar.session), await next_frame(cb.avatar.session)
@@ -378,7 +382,12 @@ def test_sessions_of_the_real_engine_share_the_loaded_models_and_wear_their_own_
             msg = await reply(b)                      # no face in a red square: b's error, b's avatar stays
             assert msg["op"] == "error" and "face" in msg["error"], msg
             assert mine(server, b).avatar is cb.avatar and not cb.avatar.task.done()
-    pooled(go, make=make)
+    engine = EngineWorker().start()
+    try:
+        pooled(go, make=make, engine=engine)
+        assert engine.sessions == 0                                          # both left, it runs on
+    finally:
+        engine.stop()
 
 
 def rss_mb() -> float:
