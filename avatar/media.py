@@ -52,6 +52,68 @@ def _concat(frames) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
+# A Kaiser-windowed sinc at 48 kHz, 2 * _HALF + 1 taps: flat to ~6 kHz, -80 dB from 8 kHz (16 kHz's Nyquist).
+_HALF = 48
+_LOWPASS = (lambda n: (np.sinc(2 * 7000 / 48000 * n) * np.kaiser(len(n), 8.0)))(np.arange(-_HALF, _HALF + 1))
+_LOWPASS = (_LOWPASS / _LOWPASS.sum()).astype(np.float32)
+
+
+class Splitter:
+    """Any-rate mono audio -> (16 kHz for the models, 48 kHz for the outputs) of the same instants: each
+    call returns (lo, hi) with len(hi) == 3 * len(lo) and hi[3 i] at the time of lo[i], so a frame's 640
+    model samples and its 1,920 output samples are the same 1/25 s. lo is hi low-passed and decimated by 3.
+    Stateful: feed chunks of any size ((N,) or (N, C), averaged), then flush() once; the last ~1 ms waits
+    for the samples after it until then."""
+
+    def __init__(self, rate: int):
+        self.rate = int(rate)
+        self._swr = av.AudioResampler(format="flt", layout="mono", rate=48000) if self.rate != 48000 else None
+        self._buf = np.zeros(_HALF, np.float32)     # the filter's view back: silence before the start
+
+    def __call__(self, chunk) -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(chunk, dtype=np.float32)
+        x = x.mean(axis=1) if x.ndim == 2 else x
+        if self._swr is not None:
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x.reshape(1, -1)), format="flt",
+                                               layout="mono")
+            frame.sample_rate = self.rate
+            x = _concat(self._swr.resample(frame))
+        return self._split(x)
+
+    def flush(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rest: hi padded with silence to whole model samples."""
+        tail = _concat(self._swr.resample(None)) if self._swr is not None else np.zeros(0, np.float32)
+        return self._split(tail, end=True)
+
+    def _split(self, x: np.ndarray, end: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        buf = np.concatenate([self._buf, x])            # buf[_HALF] is the next model sample's instant
+        if end:
+            real = len(buf) - _HALF
+            buf = np.concatenate([buf, np.zeros(-real % 3 + _HALF, np.float32)])
+        n = max(0, (len(buf) - 2 * _HALF - 1) // 3 + 1)   # model samples whose whole window is here
+        lo = np.convolve(buf[:3 * n - 3 + 2 * _HALF + 1], _LOWPASS, "valid")[::3] if n else buf[:0]
+        hi = buf[_HALF:_HALF + 3 * n]
+        self._buf = buf[3 * n:]
+        return lo.astype(np.float32), hi.copy()
+
+
+class Upsampler:
+    """16 kHz -> 48 kHz, exactly three samples out for each one in, chunk by chunk (a frame's 640 -> its
+    1,920), for output audio that only exists at 16 kHz (an engine's own sound, a 16 kHz input). The output
+    is 1 ms late (the filter's half-length): the price of never waiting for the next chunk."""
+
+    def __init__(self):
+        self._hist = np.zeros(-(-2 * _HALF // 3), np.float32)
+
+    def __call__(self, x) -> np.ndarray:
+        s = np.concatenate([self._hist, np.asarray(x, np.float32)])
+        z = np.zeros(3 * len(s), np.float32)
+        z[::3] = 3 * s                                  # zero-stuffed; the filter's gain of 1/3 restored
+        y = np.convolve(z, _LOWPASS)[3 * len(self._hist):3 * len(s)]
+        self._hist = s[len(s) - len(self._hist):]
+        return y.astype(np.float32)
+
+
 def resample(wave, rate: int) -> np.ndarray:
     """(N,) or (N, C) audio at `rate` Hz -> (M,) float32 mono at 16 kHz, M = round(N*16000/rate)."""
     x = np.asarray(wave, dtype=np.float32)

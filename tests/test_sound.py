@@ -153,3 +153,150 @@ def test_models_still_read_16k_mono(tmp_path, rate):
     assert wave.ndim == 1 and abs(len(wave) - 16000) <= 2
     spec = np.abs(np.fft.rfft(wave[:16000] * np.hanning(16000)))     # 1 Hz bins
     assert spec[int(LEFT)] > 0.3 * spec.max() and spec[int(RIGHT)] > 0.3 * spec.max()   # both channels heard
+
+
+# ------------------------------------------------------------------------------------------------ live outputs
+# A 10 kHz tone is above what 16 kHz audio can hold (8 kHz): it reaches a live output only if the input's own
+# 48 kHz sound travels beside the models' 16 kHz, frame by frame.
+HIGH = 10000.0
+
+
+def level(x: np.ndarray, rate: int, freq: float) -> float:
+    """The amplitude of ``freq`` in x (a Hann-windowed spectrum's peak within 20 Hz of it)."""
+    spec = np.abs(np.fft.rfft(x * np.hanning(len(x)))) * 4 / len(x)
+    f = np.fft.rfftfreq(len(x), 1 / rate)
+    return float(spec[np.abs(f - freq) < 20].max())
+
+
+def test_splitter_keeps_the_same_instants_at_both_rates():
+    from avatar.media import Splitter
+    rng = np.random.default_rng(0)
+    for rate in (48000, 44100, 22050, 96000):
+        x = tones(1.0, rate, (LEFT,))[:, 0]
+        split, lo, hi, i = Splitter(rate), [], [], 0
+        while i < len(x):                                   # chunks of any size, as pushes come
+            n = int(rng.integers(1, 4000))
+            a, b = split(x[i:i + n])
+            assert len(b) == 3 * len(a)
+            lo.append(a), hi.append(b)
+            i += n
+        a, b = split.flush()
+        lo, hi = np.concatenate(lo + [a]), np.concatenate(hi + [b])
+        assert (len(lo), len(hi)) == (16000, 48000), rate
+        ref = lambda n, r: 0.4 * np.sin(2 * np.pi * LEFT * np.arange(n) / r)     # noqa: E731
+        assert np.abs(lo[100:-100] - ref(16000, 16000)[100:-100]).max() < 1e-3, rate
+        assert np.abs(hi[300:-300] - ref(48000, 48000)[300:-300]).max() < 1e-3, rate
+
+
+class Recorder:
+    """A sink that keeps each frame's 16 kHz and 48 kHz sound."""
+
+    def __init__(self):
+        self.lo, self.hi = [], []
+
+    async def open(self, spec):
+        self.spec = spec
+
+    async def write(self, frame):
+        self.lo.append(frame.audio)
+        self.hi.append(frame.meta["audio48k"])
+
+    async def aclose(self):
+        pass
+
+
+def test_live_outputs_send_the_inputs_48k(tmp_path):
+    """A 48 kHz file through a session: the file sink, the speaker and a frames reader get 1,920 samples a
+    frame with the 10 kHz tone in them, while the engine was given 16 kHz (no 10 kHz there)."""
+    import asyncio
+
+    from streaming.clock import FakeTime
+    from streaming.session import Session
+    from streaming.sinks import FileSink, SpeakerSink
+    from streaming.sources import FileSource
+    from streaming.testing import FakeOutputStream, ToneAnimator
+    wav = write_wav(tmp_path / "in.wav", 0.5 * tones(2.0, 48000, (LEFT, HIGH)).sum(1, keepdims=True), 48000, "mono")
+    clock = FakeTime()
+    rec, out = Recorder(), tmp_path / "out.mp4"
+    speaker = SpeakerSink(stream_factory=FakeOutputStream(clock), now=clock.now, latency=0.02)
+    speaker.log = []
+    s = asyncio.run(Session(ToneAnimator(size=64), [FileSink(out), speaker, rec], time_source=clock)
+                    .run(FileSource(wav)))
+    assert rec.spec.sample_rate == 48000
+    assert s["frames"] == len(rec.hi) == 50 and {len(h) for h in rec.hi} == {1920}
+    assert {len(a) for a in rec.lo} == {640}
+    hi, lo = np.concatenate(rec.hi), np.concatenate(rec.lo)
+    assert level(lo, 16000, LEFT) > 0.15 and level(hi[4800:-4800], 48000, LEFT) > 0.15
+    assert level(hi[4800:-4800], 48000, HIGH) > 0.15            # the input's own sound
+    decoded, frames = check_exact(out, 48000, 1)
+    assert frames == 50 and level(decoded[4800:86400, 0], 48000, HIGH) > 0.15
+    played = np.concatenate([x for _, x in speaker.log])
+    assert level(played[len(played) // 4:len(played) // 2], 48000, HIGH) > 0.15
+
+
+def test_live_outputs_upsample_what_only_exists_at_16k(tmp_path):
+    """16 kHz input (and an engine's own sound) still leaves at 48 kHz, 1,920 samples a frame."""
+    import asyncio
+
+    from streaming.clock import FakeTime
+    from streaming.session import Session
+    from streaming.testing import ToneAnimator
+
+    async def main():
+        rec = Recorder()
+        async with Session(ToneAnimator(size=64), [rec], time_source=FakeTime()) as avatar:
+            avatar.push(tones(1.0, 16000, (LEFT,))[:, 0])
+            while len(rec.hi) < 40:
+                await asyncio.sleep(0)
+        return rec
+    rec = asyncio.run(main())
+    assert {len(h) for h in rec.hi} == {1920}
+    lo, hi = np.concatenate(rec.lo[:25]), np.concatenate(rec.hi[:25])
+    assert level(hi, 48000, LEFT) == pytest.approx(level(lo, 16000, LEFT), rel=0.05)
+    # the upsampled sound is the 16 kHz one, 1 ms (48 samples) late
+    lo_at = np.flatnonzero(np.abs(lo) > 0.1)[0]
+    assert np.flatnonzero(np.abs(hi) > 0.1)[0] - 3 * lo_at in range(44, 53)
+
+
+def test_webrtc_viewer_hears_48k():
+    pytest.importorskip("aiortc")
+    import asyncio
+
+    from streaming.session import Session
+    from streaming.testing import ToneAnimator
+    from streaming.webrtc import WebRTCSink
+    from test_shell_webrtc import receiver
+
+    async def main():
+        sink = WebRTCSink()
+        async with Session(ToneAnimator(size=64), [sink]) as avatar:
+            pc, got, _ = await receiver(sink)
+            for _ in range(100):                          # connected: the viewer gets frames from now on
+                if sink.viewers and all(v.pc.connectionState == "connected" for v in sink.viewers.values()):
+                    break
+                await asyncio.sleep(0.1)
+            avatar.push(0.5 * tones(3.0, 48000, (LEFT, HIGH)).sum(1), rate=48000)
+            for _ in range(100):
+                if sum(f.samples for f in got["audio"]) >= 48000 * 3:
+                    break
+                await asyncio.sleep(0.1)
+            await pc.close()
+        return got["audio"]
+    audio = asyncio.run(main())
+    assert {f.sample_rate for f in audio} == {48000}
+    x = np.concatenate([f.to_ndarray().reshape(-1, len(f.layout.channels))[:, 0] for f in audio]) / 32768
+    loud = np.flatnonzero(np.abs(x) > 0.1)
+    speech = x[loud[0] + 4800:loud[0] + 4800 + 48000]
+    assert level(speech, 48000, LEFT) > 0.1 and level(speech, 48000, HIGH) > 0.1
+
+
+def test_live_command_keeps_48k_in_its_file(inputs, tiny_checkpoints, tmp_path):
+    """`live --audio FILE -o out.mp4`, the real command and engine: the file holds the input's 10 kHz."""
+    wav = write_wav(tmp_path / "in.wav", 0.5 * tones(1.3, 48000, (LEFT, HIGH)).sum(1, keepdims=True), 48000, "mono")
+    out = tmp_path / "out.mp4"
+    p = anitalker("live", "--checkpoints", tiny_checkpoints, "--audio", wav, "-o", out, "--steps", 5,
+                  "--metrics-every", 0, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    decoded, frames = check_exact(out, 48000, 1)
+    loud = np.flatnonzero(np.abs(decoded[:, 0]) > 0.1)
+    assert level(decoded[loud[0] + 4800:loud[0] + 4800 + 24000, 0], 48000, HIGH) > 0.1
