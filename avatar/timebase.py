@@ -53,7 +53,7 @@ class AudioChunk:
     idle: silence a session feeds while nobody speaks (not the speaker's audio: it must not change how
     the speaker's audio is normalised).
     hi: the same audio at 48 kHz for the outputs (3 samples for each one, the same instants), when the
-    input had more than 16 kHz to give (media.Splitter); None otherwise."""
+    input came at another rate than 16 kHz (media.Splitter); None otherwise."""
     samples: np.ndarray
     pts: int = 0
     due: float | None = None

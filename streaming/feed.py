@@ -15,7 +15,7 @@ TTS plays at exactly 25 fps with no second pacer.
   up to a lead of idling.
 - Live audio (a microphone) is bounded: beyond LIVE_SLACK_FRAMES waiting, its oldest samples are dropped
   and counted. Other audio (TTS, files, whole utterances) always plays in full.
-- Output sound: audio that came at more than 16 kHz carries its 48 kHz version along (Piece.hi, three
+- Output sound: audio that came at another rate than 16 kHz carries its 48 kHz version along (Piece.hi, three
   samples for each one); a shown frame is told it (Released.hi) when the whole frame had one.
 - Tags: pushed audio may carry a tag; the frames that hold it report it, and ``end_segment`` marks the
   last sample of a tag, so a caller learns when a segment has been played (and up to where).
