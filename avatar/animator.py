@@ -18,10 +18,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from .device import synchronize, to_device, to_host
 from .features import StreamingFeatures
 from .motion import MotionConfig, MotionStream, sample_windows
 from .pipeline import Controls, Models, PortraitCode, check_controls, control_names
-from .portrait import to_uint8
+from .portrait import uint8_images
 from .timebase import FPS, SAMPLES_PER_FRAME, AudioChunk, AvFrame
 
 
@@ -132,8 +133,7 @@ class StreamingAnimator:
     def _hops(self, chunk):
         for block in self.accept(chunk):
             t0 = self.now()
-            window = self._timed("motion", self.plan, block)
-            x0 = self._timed("motion", lambda: sample_windows([window])[0])
+            window, x0 = self._timed("motion", lambda: (w := self.plan(block), sample_windows([w])[0]))
             yield from self.frames(block, self.commit(block, window, x0, self.now() - t0))
 
     def accept(self, chunk: AudioChunk | None) -> list[Block]:
@@ -177,6 +177,7 @@ class StreamingAnimator:
         t0 = time.perf_counter()
         with self.models.autocast(), torch.inference_mode():   # bf16 mode: HuBERT, denoiser, renderer in bf16
             out = fn(*args)
+        synchronize(self.models.device)        # a GPU's queued work is part of this stage's cost
         self.timings[stage] += time.perf_counter() - t0
         return out
 
@@ -185,18 +186,18 @@ class StreamingAnimator:
         rows = 2 if self.models.stage2.dims.audio == "hubert" else 4
         axis = 1 if block.feats.dim() == 3 else 0          # hubert (L, rows, H), mfcc (rows, 39)
         n_ctx = self.motion.n_ctx
-        ctx = self._ctx_feats
-        feats = block.feats
+        ctx = self._ctx_feats                               # on the models' device, from commit
+        feats = to_device(block.feats, self.models.device)
         if n_ctx and ctx is not None:
             feats = torch.cat([ctx.narrow(axis, ctx.shape[axis] - rows * n_ctx, rows * n_ctx), feats], axis)
-        return self.motion.plan(block.start, feats[None].to(self.models.device),
+        return self.motion.plan(block.start, feats[None],
                                 self._window_controls(block.start), final=block.last)
 
     def commit(self, block: Block, window, x0: torch.Tensor, motion_s: float) -> torch.Tensor:
         """The sampled window's new codes (h, M); its features become the next window's context."""
         codes = self.motion.commit(window, x0)
         rows = 2 if self.models.stage2.dims.audio == "hubert" else 4
-        feats = window.audio[0].to("cpu") if window.audio.device.type != "cpu" else window.audio[0]
+        feats = window.audio[0]                             # stays where the next window needs it
         axis = 1 if feats.dim() == 3 else 0
         committed = feats.narrow(axis, 0, rows * (window.n_ctx + len(codes)))
         keep = rows * self.config.context
@@ -232,33 +233,64 @@ class StreamingAnimator:
     def frames(self, block: Block, codes: torch.Tensor):
         """The hop's frames in order, drawn or held (image None), each with exactly its 640 samples. The
         end of the utterance starts a new segment once its last frame is out."""
-        yield from self._frames(block.start, codes, block.last)
-        if block.last:
-            self._new_segment(self.features.frames_done)
-
-    def _frames(self, start: int, codes: torch.Tensor, last: bool):
-        nxt = self._deadline(start + len(codes))
-        limit = None if last or nxt is None else nxt - max(self._hop_cost, default=0.0)
-        motion = codes.float().cpu().numpy()         # one copy per hop, not per frame
+        start = block.start
+        limit = self._limit(start, codes, block.last)
+        motion = None                                # copied back once per hop, with the first pictures
         for g in range(0, len(codes), self.batch):
             group = range(start + g, start + min(g + self.batch, len(codes)))
-            draw = []
-            for pts in group:
-                if self._in_time(pts, len(draw), limit):
-                    draw.append(pts)
+            draw = self._choose(group, limit)
             images = {}
             if draw:
                 t0 = self.now()
                 idx = torch.tensor([p - start for p in draw], device=codes.device)
-                imgs = self._timed("render", self.models._render, self.code.wa, codes[idx], self.code.feats)
-                images = dict(zip(draw, to_uint8(imgs)))
-                self._render_cost.append((self.now() - t0) / len(draw))
-                self._drawn = True
-            self.skipped += len(group) - len(draw)
-            now = time.monotonic()
-            for pts in group:
-                yield AvFrame(images.get(pts), self._take_audio(pts), pts, pushed_at=self._pushed_time(pts),
-                              produced_at=now, meta={"motion": motion[pts - start]})
+                imgs = self._timed("render", lambda: uint8_images(self.models._render(
+                    self.code.wa, codes[idx], self.code.feats)))
+                host = to_host(imgs, *([codes.float()] if motion is None else []))
+                images, motion = dict(zip(draw, host[0])), host[1] if motion is None else motion
+                self._drew(len(draw), self.now() - t0)
+            if motion is None:
+                motion = to_host(codes.float())[0]
+            yield from self._emit(group, draw, images, motion, start)
+        if block.last:
+            self._new_segment(self.features.frames_done)
+
+    def to_draw(self, block: Block, codes: torch.Tensor) -> list[int]:
+        """For a render shared with other sessions (avatar/batch.py): the pts of the hop to draw, the
+        whole hop deciding at once (as a GPU draws it, in one batch)."""
+        return self._choose(range(block.start, block.start + len(codes)), self._limit(block.start, codes, block.last))
+
+    def drawn_frames(self, block: Block, motion: np.ndarray, draw: list[int], images, seconds: float):
+        """The hop's frames when ``images`` (uint8, one per pts in ``draw``) were rendered elsewhere in
+        ``seconds`` (this session's share of a shared render); motion: the hop's codes, copied back with
+        them. As frames() otherwise."""
+        if draw:
+            self._drew(len(draw), seconds)
+        yield from self._emit(range(block.start, block.start + len(motion)), draw, dict(zip(draw, images)),
+                              motion, block.start)
+        if block.last:
+            self._new_segment(self.features.frames_done)
+
+    def _limit(self, start: int, codes: torch.Tensor, last: bool) -> float | None:
+        nxt = self._deadline(start + len(codes))
+        return None if last or nxt is None else nxt - max(self._hop_cost, default=0.0)
+
+    def _choose(self, group: range, limit: float | None) -> list[int]:
+        draw = []
+        for pts in group:
+            if self._in_time(pts, len(draw), limit):
+                draw.append(pts)
+        return draw
+
+    def _drew(self, n: int, seconds: float) -> None:
+        self._render_cost.append(seconds / n)
+        self._drawn = True
+
+    def _emit(self, group: range, draw: list[int], images: dict, motion, start: int):
+        self.skipped += len(group) - len(draw)
+        now = time.monotonic()
+        for pts in group:
+            yield AvFrame(images.get(pts), self._take_audio(pts), pts, pushed_at=self._pushed_time(pts),
+                          produced_at=now, meta={"motion": motion[pts - start]})
 
     def _take_audio(self, pts: int) -> np.ndarray:
         """Frame pts's 640 samples; frames are taken in order, so what is before them is dropped."""

@@ -65,6 +65,12 @@ TAIL = {"hubert": 80, "mfcc": 560}
 STATS_SECONDS = 20      # the running statistics weigh at most this much audio; older audio fades out
 
 
+def rows_of(states: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """A block's rows [lo, hi) of a window's HuBERT states, float32 as hubert_model_input gives them (a
+    caller's bf16 autocast changes only the compute)."""
+    return states[:, lo:hi].to(torch.float32, copy=True)
+
+
 class RunningStats:
     """Mean and variance of a stream, merged array by array in float64 (Chan et al.'s parallel Welford).
     With ``cap`` samples, the statistics keep the weight of at most that many: older audio is scaled down
@@ -138,6 +144,9 @@ class StreamingFeatures:
         self.frames_done = 0          # index of the next frame to emit, counted over all segments
         self._stats = RunningStats(STATS_SECONDS * SAMPLE_RATE)
         self.last_stats = None        # (mean, std) the last HuBERT block was normalised with
+        # a list while a shared engine collects the HuBERT inputs of several streams (avatar/batch.py): the
+        # blocks come out with None features and (samples, first row, end row) is appended here instead
+        self.deferred = None
         self._new_segment()
 
     def _new_segment(self) -> None:
@@ -240,10 +249,18 @@ class StreamingFeatures:
             self.last_stats = (self._stats.mean, self._stats.std)
         if self._inc is not None:
             states = self._inc.block(x, commit=rows * (commit - start))
+        elif self.deferred is not None:      # a shared engine runs HuBERT for several streams at once
+            self.deferred.append((x, rows * lo, rows * hi))
+            return None
         else:
             states = self._raw.states(x)                     # (L+1, 2W + 1, H), last row repeated
-        # float32 as hubert_model_input gives it (a caller's bf16 autocast changes only the compute)
-        return states[:, rows * lo:rows * hi].to(torch.float32, copy=True)
+        return rows_of(states, rows * lo, rows * hi)
+
+    @property
+    def can_defer(self) -> bool:
+        """Whether HuBERT can be left to the caller (window mode: a block's states depend on its samples
+        only; incremental HuBERT carries a cache from block to block)."""
+        return self.audio == "hubert" and self._inc is None
 
     def _samples_between(self, a: int, b: int, of: np.ndarray | None = None) -> np.ndarray:
         """Segment samples [a, b) (a view; a is at or after the start of the kept audio), or the same

@@ -250,7 +250,7 @@ def _inpainting(denoise, schedule, known: Tensor, noise: Tensor):
     """Wrap denoise so the network sees the first known.shape[1] frames at their q(x_t | x0 = known).
     The sampler calls it once per step, last retained step first, so the step is counted here rather
     than looked up from t (which would read a device tensor back to the host every step)."""
-    abar = schedule.alphas_cumprod.float().to(known.device)
+    abar = schedule.tables(known.device)[2]
     scales = [(abar[i].sqrt(), (1 - abar[i]).sqrt()) for i in reversed(range(len(schedule)))]
     steps = iter(scales)
     k = known.shape[1]

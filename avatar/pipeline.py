@@ -92,15 +92,17 @@ def cpu_name() -> str:
 class Speed:
     """How the models run. The default is exact fp32 (what the parity tests guard); the rest trade
     a measured error (README, bench/offline.py) for speed. ``Speed.fastest()`` picks per machine."""
-    precision: str = "fp32"       # "fp32" | "bf16" (autocast, weights prepared in bf16 once) |
-                                  # "auto" (bf16 where the device computes it natively, else fp32)
+    precision: str | None = "fp32"  # "fp32" | "bf16" (autocast, weights prepared in bf16 once) |
+                                  # "auto" (bf16 where the device computes it natively, else fp32) |
+                                  # None (the command line's default: bf16 on a GPU that computes it, where
+                                  # fp32 would waste half its speed; fp32, the exact path, on a CPU)
     compile: bool | None = False  # torch.compile the renderer and the motion encoder (a one-off warm-up
                                   # of tens of seconds each); None: where bf16 is native (it only won there)
     upsampling: str = "transposed"  # the renderer's upsampling convs: "transposed" (official) | "subpixel"
                                   # (the same sums as regular convs) | "auto" (each layer timed both ways)
 
     def __post_init__(self):
-        if self.precision not in ("fp32", "bf16", "auto"):
+        if self.precision not in ("fp32", "bf16", "auto", None):
             raise AnitalkerError(f"unknown precision {self.precision!r}; use fp32, bf16 or auto")
         if self.upsampling not in ("auto",) + Stage1.UPSAMPLING:
             raise AnitalkerError(f"unknown upsampling {self.upsampling!r}; use transposed, subpixel or auto")
@@ -112,7 +114,11 @@ class Speed:
     def resolve(self, device: torch.device) -> "Speed":
         """The concrete mode on ``device``: precision fp32 or bf16, compile True or False."""
         native = native_bf16(device)
-        precision = ("bf16" if native else "fp32") if self.precision == "auto" else self.precision
+        precision = self.precision
+        if precision is None:
+            precision = "auto" if device.type == "cuda" else "fp32"
+        if precision == "auto":
+            precision = "bf16" if native else "fp32"
         compile = (precision == "bf16" and native) if self.compile is None else self.compile
         return replace(self, precision=precision, compile=compile)
 

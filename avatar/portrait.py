@@ -174,11 +174,16 @@ def to_tensor(img_u8: np.ndarray) -> torch.Tensor:
 def to_uint8(frames: torch.Tensor | np.ndarray) -> np.ndarray:
     """(B, 3, H, W) float -> (B, H, W, 3) uint8: clamp, (x+1)/2, *255 and truncate, as the
     official ToPILImage conversion (truncation, not rounding)."""
-    t = torch.as_tensor(frames).detach().to(torch.float32)     # converted where it is: a GPU copies bytes back
+    return uint8_images(torch.as_tensor(frames)).cpu().numpy()
+
+
+def uint8_images(frames: torch.Tensor) -> torch.Tensor:
+    """to_uint8 where the frames are: a GPU converts them and only the bytes are copied back."""
+    t = frames.detach().to(torch.float32)
     if t.ndim == 3:
         t = t.unsqueeze(0)
     u8 = ((t.clamp(-1.0, 1.0) + 1.0) / 2.0).mul(255.0).to(torch.uint8)   # float -> uint8 truncates
-    return u8.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return u8.permute(0, 2, 3, 1).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -142,15 +142,21 @@ class HubertFrontend:
         final LayerNorm in the stable-layer-norm encoder), which is what transformers 4.19
         returned as hidden_states[-1]; transformers 5.x returns the pre-LayerNorm output there.
         """
-        x = np.asarray(wave, dtype=np.float32).reshape(-1)
-        if x.size < self.min_samples:
-            raise AnitalkerError(f"the audio is too short for HuBERT ({x.size} samples): "
+        return self.states_batch([wave])[0]
+
+    def states_batch(self, waves: list[np.ndarray]) -> list[torch.Tensor]:
+        """states() of several waveforms of one length (several streams' windows) in one model call."""
+        xs = [np.asarray(w, dtype=np.float32).reshape(-1) for w in waves]
+        if xs[0].size < self.min_samples:
+            raise AnitalkerError(f"the audio is too short for HuBERT ({xs[0].size} samples): "
                                  f"give at least {self.min_samples / SAMPLE_RATE * 1000:.0f} ms")
         if self.do_normalize:
-            x = normalize_wave(x)
-        out = self.model(torch.from_numpy(x)[None].to(self.device), output_hidden_states=True)
-        states = torch.stack(list(out.hidden_states[:-1]) + [out.last_hidden_state]).squeeze(1)
-        return torch.cat([states, states[:, -1:]], dim=1)   # demo: np.pad(..., 'edge') by one frame
+            xs = [normalize_wave(x) for x in xs]
+        x = torch.from_numpy(xs[0])[None] if len(xs) == 1 else torch.from_numpy(np.stack(xs))
+        out = self.model(x.to(self.device), output_hidden_states=True)
+        states = torch.stack(list(out.hidden_states[:-1]) + [out.last_hidden_state])   # (L+1, B, T, H)
+        states = torch.cat([states, states[:, :, -1:]], dim=2)   # demo: np.pad(..., 'edge') by one frame
+        return [states[:, b] for b in range(len(xs))]
 
 
 class IncrementalHubert:

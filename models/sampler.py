@@ -7,7 +7,7 @@ the clamp of x0 to [-1, 1] makes those roundings visible at t close to T.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -26,9 +26,20 @@ class Schedule:
     """
     timesteps: Tensor
     alphas_cumprod: Tensor
+    _tables: dict = field(default_factory=dict, repr=False)   # per device: what the sampler reads
 
     def __len__(self) -> int:
         return int(self.timesteps.numel())
+
+    def tables(self, device) -> tuple[Tensor, Tensor, Tensor]:
+        """(timesteps (N,) int64, DDIM coefficients (N, 5) float32 for eta = 0, alpha-bar (N,) float32) on
+        ``device``, computed and copied there once: a sampler that copied them per step would wait for
+        the GPU at every step."""
+        device = torch.device(device)
+        if device not in self._tables:
+            self._tables[device] = (self.timesteps.to(device), _coefficients(self, 0.0).to(device),
+                                    self.alphas_cumprod.float().to(device))
+        return self._tables[device]
 
 
 def valid_step_counts(T: int = 1000) -> list[int]:
@@ -78,26 +89,17 @@ def ddim_sample(denoise: Denoiser, x_T: Tensor, schedule: Schedule, eta: float =
     [-1, 1]; the last step returns x0 exactly. eta > 0 adds the standard DDIM noise, drawn
     from generator (whose device it must be drawn on).
     """
-    acp = schedule.alphas_cumprod.to(torch.float64).cpu()
-    acp_prev = torch.cat([acp.new_ones(1), acp[:-1]])
-    # As in the official sampler: the x0 coefficients are float64 arrays cast to float32, the
-    # alpha-bars are cast to float32 and everything else is float32 arithmetic on them. These
-    # roundings matter at t near T, where x0 = c0*x - ... multiplies x by ~100.
-    c0 = torch.sqrt(1.0 / acp).float()                  # x0 = c0*x - c1*eps
-    c1 = torch.sqrt(1.0 / acp - 1.0).float()
-    a, a_prev = acp.float(), acp_prev.float()
-    sigma = eta * torch.sqrt((1 - a_prev) / (1 - a)) * torch.sqrt(1 - a / a_prev)
-    c2 = torch.sqrt(a_prev)                             # x' = c2*x0 + c3*eps + sigma*z
-    c3 = torch.sqrt(1 - a_prev - sigma ** 2)
-    coef = torch.stack([c0, c1, c2, c3, sigma], dim=1)
-
     x = x_T
     B, dev = x.shape[0], x.device
+    timesteps, coef, _ = schedule.tables(dev)
+    if eta:
+        coef = _coefficients(schedule, eta).to(dev)
     for i, idx in enumerate(reversed(range(len(schedule)))):
-        t = torch.full((B,), int(schedule.timesteps[idx]), dtype=torch.int64, device=dev)
+        # device tensors indexed by a Python int: no value is read back to the host inside the loop
+        t = timesteps[idx].repeat(B)
         x_in = x
         eps = denoise(x_in, t)
-        c0, c1, c2, c3, sig = coef[idx].to(dev)
+        c0, c1, c2, c3, sig = coef[idx]
         x0 = c0 * x_in - c1 * eps
         if clip:
             x0 = x0.clamp(-1.0, 1.0)
@@ -110,3 +112,19 @@ def ddim_sample(denoise: Denoiser, x_T: Tensor, schedule: Schedule, eta: float =
         if on_step is not None:
             on_step(i, t, x_in, eps, x0)
     return x
+
+
+def _coefficients(schedule: Schedule, eta: float) -> Tensor:
+    """(N, 5) float32: c0, c1, c2, c3, sigma of every retained step, on the CPU."""
+    acp = schedule.alphas_cumprod.to(torch.float64).cpu()
+    acp_prev = torch.cat([acp.new_ones(1), acp[:-1]])
+    # As in the official sampler: the x0 coefficients are float64 arrays cast to float32, the
+    # alpha-bars are cast to float32 and everything else is float32 arithmetic on them. These
+    # roundings matter at t near T, where x0 = c0*x - ... multiplies x by ~100.
+    c0 = torch.sqrt(1.0 / acp).float()                  # x0 = c0*x - c1*eps
+    c1 = torch.sqrt(1.0 / acp - 1.0).float()
+    a, a_prev = acp.float(), acp_prev.float()
+    sigma = eta * torch.sqrt((1 - a_prev) / (1 - a)) * torch.sqrt(1 - a / a_prev)
+    c2 = torch.sqrt(a_prev)                             # x' = c2*x0 + c3*eps + sigma*z
+    c3 = torch.sqrt(1 - a_prev - sigma ** 2)
+    return torch.stack([c0, c1, c2, c3, sigma], dim=1)

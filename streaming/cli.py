@@ -93,8 +93,9 @@ def add_model_args(p: argparse.ArgumentParser, audio: bool = True) -> None:
         g.add_argument("--location", metavar="X", help="horizontal face position 0..1 (full_control models)")
         g.add_argument("--scale", metavar="S", help="face size 0..1 (full_control models)")
     g.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
-                   help="fp32 (default) computes what the official code computes; bf16 is about 1.3-2x faster "
+    g.add_argument("--precision", default=None, choices=["fp32", "bf16", "auto"],
+                   help="default: bf16 on a GPU, fp32 on a CPU. fp32 computes what the official code computes; "
+                   "bf16 is about 1.3-2x faster "
                    "on CPUs with native bf16 (AVX-512 BF16, AMX) and GPUs and differs by a few grey levels "
                    "(README), but much slower where bf16 is emulated; auto: bf16 where native, else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the renderer (and for reenact the motion "
@@ -237,23 +238,47 @@ def make_animator(args, models, portrait=None):
 def make_live_animator(args):
     """The streaming engine for ``live``, after saying what it reaches on this machine (a one-hop
     measurement); its frames leave pasted back and marked as the options ask."""
+    from avatar.portrait import asset_path, load_image
+
+    original = load_image(args.portrait or asset_path("portrait.jpg"))     # a bad photo fails before the load
+    return finished_animator(args, load_live_models(args), original, measure=True)
+
+
+def load_live_models(args):
     from avatar.pipeline import load_models
-    from avatar.portrait import asset_path, load_image, prepare_portrait
-    from avatar.probe import measure_rate
-    from avatar.watermark import FinishedAnimator, make_finish
 
     check_steps(args.steps)
     controls_from_args(args)                 # bad controls say so before the models load
-    original = load_image(args.portrait or asset_path("portrait.jpg"))
-    portrait = prepare_portrait(original, crop=not args.no_crop)
-    models = load_models(args.checkpoints, args.infer_type, args.device, speed_from_args(args))
+    return load_models(args.checkpoints, args.infer_type, args.device, speed_from_args(args))
+
+
+def finished_animator(args, models, original, measure: bool = False):
+    """The engine for one portrait photo over loaded models, its frames pasted back and marked as the
+    options ask; measure: first say what this machine reaches (a one-hop measurement)."""
+    from avatar.portrait import prepare_portrait
+    from avatar.probe import measure_rate
+    from avatar.watermark import FinishedAnimator, make_finish
+
+    portrait = prepare_portrait(original, crop=not args.no_crop)      # no face: one clear error
     animator = make_animator(args, models, portrait)
-    c = animator.config
-    rate = measure_rate(models, animator.code, hop=c.hop, lookahead=c.lookahead, context=c.context,
-                        audio_context=c.audio_context, steps=c.steps, hubert=c.hubert)
-    print(f"speed: {models.describe()}; {rate.line()}", file=sys.stderr)
+    if measure:
+        c = animator.config
+        rate = measure_rate(models, animator.code, hop=c.hop, lookahead=c.lookahead, context=c.context,
+                            audio_context=c.audio_context, steps=c.steps, hubert=c.hubert)
+        print(f"speed: {models.describe()}; {rate.line()}", file=sys.stderr)
     finish = make_finish(original, portrait.box, paste_back=args.paste_back, watermark=args.watermark)
     return FinishedAnimator(animator, finish) if finish else animator
+
+
+def make_live_pool(args):
+    """`live --serve`: the models loaded (and measured) once; make_animator(portrait rgb or None) builds
+    each client's engine over them (None: --portrait, else the bundled one)."""
+    from avatar.portrait import asset_path, load_image
+
+    default = load_image(args.portrait or asset_path("portrait.jpg"))
+    models = load_live_models(args)
+    finished_animator(args, models, default, measure=True)      # says the speed; a bad portrait fails here
+    return lambda rgb=None: finished_animator(args, models, default if rgb is None else rgb)
 
 
 def cmd_download(args) -> int:
@@ -290,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_download)
 
     from .live import add_live_parser
-    live, _ = add_live_parser(sub, animator_factory=make_live_animator)
+    live, _ = add_live_parser(sub, animator_factory=make_live_animator, pool_factory=make_live_pool)
     add_model_args(live)
     add_stream_args(live)
     live.set_defaults(steps=10)   # per window; the offline default of 50 is too slow for realtime on a CPU

@@ -1,7 +1,10 @@
 """``anitalker live`` and ``anitalker devices``: one input, one or more outputs, metrics while it runs.
 
 The engine comes from ``animator_factory(args) -> Animator`` so the command line stays independent of how
-the models are loaded; ``--test-pattern`` uses the model-free SyncAnimator (a flash and a click once a
+the models are loaded. ``--serve`` gives each client a session of its own (streaming/avatars.py): then
+``pool_factory(args) -> make_animator(portrait rgb or None)`` loads the models once for all of them;
+with outputs beside webrtc (-o, --to vcam, ...) the clients share one avatar, the one those outputs get.
+``--test-pattern`` uses the model-free SyncAnimator (a flash and a click once a
 second, the frame number in bars) to check devices, latency and A/V sync (the page's ?avsync=1 measures it).
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ from .sources import FileSource, MicSource, TTSSource
 OUTPUTS = "vcam, webrtc, speaker, preview, file:PATH.mp4, null"
 
 
-def add_live_parser(sub, animator_factory=None):
+def add_live_parser(sub, animator_factory=None, pool_factory=None):
     """Add ``live`` and ``devices`` to an argparse subparsers object; returns (live, devices) parsers
     so the caller can add its model options to ``live``."""
     p = sub.add_parser("live", help="a talking avatar from a microphone, text or a file, in real time",
@@ -44,7 +47,9 @@ def add_live_parser(sub, animator_factory=None):
     p.add_argument("--test-pattern", action="store_true", help="no models: a flash and a click once a second "
                    "and the frame number (checks devices, timing and A/V sync; with --serve open the page with "
                    "?avsync=1 to measure it)")
-    p.set_defaults(func=lambda args: cmd_live(args, animator_factory))
+    p.add_argument("--max-sessions", type=int, default=4, metavar="N", help="with --serve: avatars at once, "
+                   "one per client (default %(default)s); the next client is refused with a reason")
+    p.set_defaults(func=lambda args: cmd_live(args, animator_factory, pool_factory=pool_factory))
     d = sub.add_parser("devices", help="list microphones, speakers, cameras and virtual cameras, with what is missing")
     d.set_defaults(func=cmd_devices)
     return p, d
@@ -65,6 +70,8 @@ def add_output_args(p) -> None:
     w.add_argument("--bitrate", type=int, metavar="BPS", help="video bitrate cap, bits/s")
     w.add_argument("--ice-server", action="append", default=[], metavar="URL", help="stun:HOST:PORT or "
                    "turn:USER:PASS@HOST:PORT, repeatable (default: none, host candidates only)")
+    w.add_argument("--idle-timeout", type=float, default=300.0, metavar="S", help="release a client that "
+                   "sent nothing and watched nothing for S seconds (default %(default)g; 0: never)")
     w.add_argument("--udp-ports", metavar="LO-HI", help="UDP port range for WebRTC media (firewalls)")
     p.add_argument("--speaker", metavar="DEVICE", help="output device for `--to speaker` (default device)")
     p.add_argument("--vcam-backend", help="pyvirtualcam backend (v4l2loopback, obs, unitycapture)")
@@ -136,6 +143,8 @@ def output_spec(args) -> str:
 def prepare_outputs(args) -> list:
     """The sinks of --to and -o, checked (names, folders, devices) before the (slow) model load."""
     args.to = output_spec(args)
+    if args.idle_timeout < 0:
+        raise AnitalkerError(f"--idle-timeout takes seconds (0: never), got {args.idle_timeout:g}")
     if args.serve and "webrtc" not in args.to.split(","):
         args.to += ",webrtc"
     if "webrtc" in args.to.split(","):
@@ -144,15 +153,33 @@ def prepare_outputs(args) -> list:
     return make_sinks(args.to, args)
 
 
-def cmd_live(args, animator_factory=None, time_source=None) -> int:
+def _test_pattern(args):
+    from .testing import SyncAnimator
+    animator = SyncAnimator(size=256)
+    if getattr(args, "watermark", None) is not None:
+        from avatar.watermark import Finish, FinishedAnimator, Watermark
+        animator = FinishedAnimator(animator, Finish(watermark=Watermark(args.watermark)))
+    return animator
+
+
+def cmd_live(args, animator_factory=None, time_source=None, pool_factory=None) -> int:
     sinks = prepare_outputs(args)
     source = make_source(args)
+    if args.serve and [type(s).__name__ for s in sinks] == ["WebRTCSink"]:    # nothing records one avatar
+        from .avatars import AvatarPool
+        if args.max_sessions < 1:
+            raise AnitalkerError(f"--max-sessions must be at least 1, got {args.max_sessions}")
+        if args.test_pattern:
+            make, portraits = (lambda portrait: _test_pattern(args)), False
+        elif pool_factory is None:
+            raise AnitalkerError("this build has no streaming engine yet; use --test-pattern")
+        else:
+            make, portraits = pool_factory(args), True
+        run_pool(AvatarPool(make, max_sessions=args.max_sessions, webrtc=sinks[0].options,
+                            lead_frames=args.lead_frames, portraits=portraits, time_source=time_source), args)
+        return 0
     if args.test_pattern:
-        from .testing import SyncAnimator
-        animator = SyncAnimator(size=256)
-        if getattr(args, "watermark", None) is not None:
-            from avatar.watermark import Finish, FinishedAnimator, Watermark
-            animator = FinishedAnimator(animator, Finish(watermark=Watermark(args.watermark)))
+        animator = _test_pattern(args)
     elif animator_factory is None:
         raise AnitalkerError("this build has no streaming engine yet; use --test-pattern")
     else:
@@ -190,22 +217,61 @@ def run_session(session: Session, source, args, camera=None) -> dict:
     return summary
 
 
-async def _run(session: Session, source, args, camera=None, stopped=None) -> dict:
-    loop = asyncio.get_running_loop()
-    stopped = {} if stopped is None else stopped
+def run_pool(pool, args) -> None:
+    """`live --serve`: a session per client until SIGINT or SIGTERM, then how many were served; raises
+    Interrupted (exit 130 / 143), as run_session does for a session that only an interrupt ends."""
+    print(f"a session per client, up to {pool.capacity} at once; outputs: webrtc", file=sys.stderr)
+    stopped: dict = {}
+    asyncio.run(_signals(_serve_pool(pool, args), stopped, lambda task: task.cancel()))
+    summary = {"sessions_served": pool.served}
+    print("metrics: " + ", ".join(f"{k} {v}" for k, v in summary.items()), file=sys.stderr)
+    if args.metrics_json:
+        with open(args.metrics_json, "w") as f:
+            json.dump(summary, f, indent=1)
+    raise Interrupted(stopped.get("signum", signal.SIGINT))
 
-    def stop(signum):                     # the session ends cleanly, so files close and metrics print
+
+async def _serve_pool(pool, args) -> None:
+    from .server import AvatarServer
+    server = await AvatarServer(avatars=pool, host=args.host, port=args.port, token=args.token,
+                                voice=getattr(args, "voice", None), idle_timeout=args.idle_timeout or None).start()
+    print(f"open {server.url}", file=sys.stderr)
+    try:
+        while True:
+            await asyncio.sleep(args.metrics_every if args.metrics_every > 0 else 3600)
+            for i, avatar in enumerate(list(pool.avatars)):
+                print(f"session {i + 1}/{pool.count}: {avatar.session.line()}", file=sys.stderr)
+    finally:
+        await server.aclose()
+
+
+async def _run(session: Session, source, args, camera=None, stopped=None) -> dict:
+    stopped = {} if stopped is None else stopped
+    return await _signals(_serve(session, source, args, camera), stopped, lambda task: session.stop())
+
+
+async def _signals(work, stopped: dict, stop):
+    """Run the coroutine `work` as a task; SIGINT and SIGTERM are noted in `stopped` and call stop(task):
+    the work ends cleanly (a session stops at its next slot, so files close and metrics print; the pool's
+    server is cancelled and closes every client's session)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(work)
+
+    def on_signal(signum):
         stopped.setdefault("signum", signum)
-        session.stop()
+        stop(task)
 
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in list(handlers):
         try:
-            loop.add_signal_handler(sig, stop, sig)
+            loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError, ValueError):     # not the main thread, or no signals
             del handlers[sig]
     try:
-        return await _serve(session, source, args, camera)
+        return await task
+    except asyncio.CancelledError:
+        if not stopped:
+            raise
     finally:
         for sig, handler in handlers.items():    # asyncio would leave the default (kill) action behind
             loop.remove_signal_handler(sig)
@@ -224,7 +290,8 @@ async def _serve(session: Session, source, args, camera=None) -> dict:
     if webrtc:                            # the page is how viewers (and --serve's clients) connect
         from .server import AvatarServer
         server = await AvatarServer(session, webrtc[0], host=args.host, port=args.port, token=args.token,
-                                    voice=getattr(args, "voice", None), camera=camera).start()
+                                    voice=getattr(args, "voice", None), camera=camera,
+                                    idle_timeout=args.idle_timeout or None).start()
         print(f"open {server.url}", file=sys.stderr)
     try:
         summary = await session.run(source)

@@ -4,6 +4,9 @@
                                                                              | call_soon_threadsafe, frame by frame
     sinks <-- Clock (one frame per slot) <-- output deque <-- _on_frame <-----+
 
+Several sessions can share one EngineWorker (``engine=``): each has its own Animator, feed, clock and
+metrics; the worker serves them in fair rounds (streaming/worker.py).
+
 The clock's tick drives everything: the feed decides what the engine gets this slot (streaming/feed.py),
 the worker computes it, the output deque holds frames until their slot, Metrics observes what is released.
 `interrupt()` beats data: it empties every queue at once, bumps a generation number so frames still being
@@ -45,13 +48,17 @@ __all__ = ["Session", "JITTER_FRAMES"]
 
 class Session:
     def __init__(self, animator, sinks=(), *, time_source=None, lead_frames=None, max_lead_frames=None,
-                 input_chunks=64, preempt_idle: bool = True):
+                 input_chunks=64, preempt_idle: bool = True, engine=None):
         """lead_frames: audio fed ahead of the clock (default: the engine's latency + jitter margin); it
         grows while the engine misses slots, up to max_lead_frames (default: 2 s more). A reenactment
         engine shows the newest camera frame, so it caps the lead low: skip frames rather than queue them.
         preempt_idle: speech that arrives while only idle silence is in flight drops that silence (see
-        streaming/feed.py), counted as `preempted`."""
+        streaming/feed.py), counted as `preempted`.
+        engine: a started EngineWorker shared with other sessions (one thread owns the models and serves
+        them all); the session attaches to it while it runs and leaves it running. Without one, the
+        session runs its own worker and stops it at the end."""
         self.animator = animator
+        self.engine = engine
         self.preempt_idle = preempt_idle
         self.time = time_source or RealTime()
         engine_frames = int(getattr(animator, "latency_frames", 0))
@@ -87,8 +94,9 @@ class Session:
         if getattr(self.time, "virtual", False):
             self.time.settle = self._settle
             self.time.on_block = lambda: loop.call_soon_threadsafe(self._progress.set)
-        self.worker = EngineWorker(self.animator, loop, lambda: self._gen, self._on_frame, self._on_done,
-                                   self._on_engine_error, self.time.now).start()
+        engine = self.engine or EngineWorker().start()
+        self.worker = engine.attach(self.animator, loop, lambda: self._gen, self._on_frame, self._on_done,
+                                    self._on_engine_error, self.time.now)
         reader = asyncio.create_task(self._read(source)) if source is not None else None
         await asyncio.sleep(0)                    # let the reader queue what it already has
         failed = True
@@ -104,7 +112,9 @@ class Session:
             await self.clock.aclose(failed)
             for reader in list(self._readers):    # frames() readers end, even those that never got a frame
                 await reader.aclose()
-            await asyncio.to_thread(self.worker.stop)
+            await asyncio.to_thread(self.worker.detach)
+            if self.engine is None:
+                await asyncio.to_thread(engine.stop)
         if self._fatal is not None:
             raise self._fatal
         summary = self.summary()

@@ -181,12 +181,12 @@ INTERRUPTIBLE = {
                          "stream:"),
     # live: stopped once a metrics line shows the session running (its signal handlers are in place)
     "live-file": (["live", "--audio", "long.wav", "-o", "out.mp4", "--steps", 5, "--metrics-every", 0.2],
-                  "repeated, latency"),
+                  "held, latency"),
     "live-to-file": (["live", "--audio", "long.wav", "--to", "file:out.mp4", "--steps", 5,
-                      "--metrics-every", 0.2], "repeated, latency"),
+                      "--metrics-every", 0.2], "held, latency"),
     "reenact-offline": (["reenact", "--video", "long_clip.mkv", "-o", "out.mp4"], "reenact:"),
     "reenact-live": (["reenact", "--video", "long_clip.mkv", "--to", "file:out.mp4,null", "--metrics-every", 0.2],
-                     "repeated, latency"),
+                     "held, latency"),
 }
 
 
@@ -215,7 +215,7 @@ def test_an_interrupt_ends_an_endless_session_and_keeps_its_file(tmp_path):
     recording is finished and kept, and the exit status still says it was interrupted."""
     pytest.importorskip("aiortc")
     p = run_and_signal(["live", "--test-pattern", "--serve", "--port", free_port(), "-o", "out.mp4",
-                        "--metrics-every", 0.2], signal.SIGINT, "repeated, latency", tmp_path)
+                        "--metrics-every", 0.2], signal.SIGINT, "held, latency", tmp_path)
     line = error_line(p, 130)
     assert line == "interrupted by SIGINT: kept out.mp4" and "metrics: frames" in p.stderr
     from avatar.media import read_video_info

@@ -170,3 +170,24 @@ def test_tiny_engine(tiny_checkpoints, one_thread):
     audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
     assert len(audio) == 25 and max(np.abs(np.frombuffer(f.audio, np.int16)).max() for f in audio) > 3000
     assert all(isinstance(down[down.index(f) - 1], OutputImageRawFrame) for f in audio)
+
+
+class BrokenAnimator(ToneAnimator):
+    """The models cannot run: every push fails (as a GPU out of memory would)."""
+
+    def push(self, chunk):
+        raise MemoryError("out of memory in the renderer")
+
+
+def test_an_engine_that_cannot_run_is_reported_upstream_as_permanent():
+    """The engine's fatal failure reaches the pipeline as one ErrorFrame upstream that names it and marks
+    the processor unusable (pipecat's current API, not the deprecated fatal flag); frames from before and
+    around it still pass through."""
+    from pipecat.frames.frames import ErrorFrame
+    service = AvatarVideoService(BrokenAnimator())
+    down, up = run(service, [SleepFrame(0.5), *tts_frames(ramp(3200), 16000, "c1"), SleepFrame(0.3),
+                             TextFrame("after")])
+    errors = [f for f in up if isinstance(f, ErrorFrame)]
+    assert len(errors) == 1 and "the avatar engine stopped" in errors[0].error
+    assert "out of memory" in errors[0].error
+    assert not getattr(errors[0], "fatal", False)

@@ -171,7 +171,7 @@ def test_guards():
 def count_pushes(server) -> list:
     """The sizes of the audio pieces the server pushes into the session (the page's microphone)."""
     sizes, push = [], server._push
-    server._push = lambda pcm, rate, **kw: (sizes.append(len(pcm)), push(pcm, rate, **kw))
+    server._push = lambda client, pcm, rate, **kw: (sizes.append(len(pcm)), push(client, pcm, rate, **kw))
     return sizes
 
 

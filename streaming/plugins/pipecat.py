@@ -98,7 +98,8 @@ class AvatarVideoService(FrameProcessor):
         try:
             await self._emit_frames()
         except Exception as e:                  # the engine failed for good: say so upstream, fatally
-            await self.push_error(f"the avatar engine stopped: {e}", exception=e, fatal=True)
+            await self.push_error(f"the avatar engine stopped: {e}", exception=e,
+                                  force_treat_as_permanent=True)
 
     async def _emit_frames(self) -> None:
         async for f in played(self.session, self._run):

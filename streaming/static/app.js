@@ -1,37 +1,63 @@
-// The page: WebRTC video+audio from the server, text/microphone/pose/interrupt to it, live metrics.
-// In reenact mode (the server's config says so) a face drives the avatar instead of text: the browser's
-// camera when the server takes it (config.camera), else the server's own webcam or video.
+// The page: WebRTC video+audio from the server, text/microphone/pose/interrupt/portrait to it, metrics in
+// words. In reenact mode (the server's config says so) a face drives the avatar instead of text: the
+// browser's camera when the server takes it (config.camera), else the server's own webcam or video.
 // One WebSocket carries signalling, controls and metrics (same origin; ?token= is passed through).
+// A new portrait gives this client a new avatar (a new stream on the server): the page connects again.
 "use strict";
 const $ = (id) => document.getElementById(id);
 const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws${location.search}`);
 const send = (msg) => ws.readyState === 1 && ws.send(JSON.stringify(msg));
 let pc = null, micSender = null, micTrack = null, camSender = null, camTrack = null, server = {}, browser = {};
+let config = null, ticker = null, ended = false;
 const query = new URLSearchParams(location.search);
+const status = (text, alert = false) => { $("status").textContent = text; $("status").classList.toggle("alert", alert); };
 
 ws.onmessage = async (e) => {
   const msg = JSON.parse(e.data);
-  if (msg.op === "config") { showControls(msg.controls || []); connect(msg.ice_servers, msg.mode === "reenact", msg.camera, msg.calibrate); }
+  if (msg.op === "config") { config = msg; showControls(msg.controls || []); $("portraitbox").hidden = !msg.portrait; connect(); }
   else if (msg.op === "answer") await pc.setRemoteDescription({ type: "answer", sdp: msg.sdp });
   else if (msg.op === "metrics") { server = msg; show(); }
-  else if (msg.op === "error") $("status").textContent = "server: " + msg.error;
+  else if (msg.op === "portrait") { status("your portrait is on; reconnecting the video..."); browser.portraits = (browser.portraits || 0) + 1; connect(); }
+  else if (msg.op === "idle") { ended = true; status(msg.reason, true); }
+  else if (msg.op === "error") status("server: " + msg.error, true);
 };
-ws.onclose = () => { $("status").textContent = "disconnected from the server"; };
+ws.onclose = async () => {
+  if (ended) return;
+  if (config) { status("disconnected from the server; reload the page to start again", true); return; }
+  // refused before it began: the server says why on its page (503 when it is full)
+  try {
+    const r = await fetch(location.href, { cache: "no-store" });
+    const why = r.ok ? null : new DOMParser().parseFromString(await r.text(), "text/html").getElementById("status");
+    status(why ? why.textContent : "could not connect to the server", true);
+  } catch (err) { status("the server is not reachable", true); }
+};
 
-async function connect(iceServers, reenact, camera, calibrate) {
+async function connect() {
+  const reenact = config.mode === "reenact", camera = config.camera;
   document.body.classList.toggle("reenact", reenact);
   $("camera").hidden = !camera;
-  $("calibrate").hidden = !calibrate;                        // absolute mode has nothing to calibrate
-  pc = new RTCPeerConnection({ iceServers });
+  $("calibrate").hidden = !config.calibrate;                 // absolute mode has nothing to calibrate
+  $("intro").textContent = reenact ? "Look into your camera (or watch the server's video): the avatar copies the face, live."
+    : "Type something and press Speak (or use your microphone): the face answers with your words, live." +
+      (config.portrait ? " Choose a photo to give it another face." : "");
+  if (pc) pc.close();
+  pc = new RTCPeerConnection({ iceServers: config.ice_servers });
   // sendrecv from the start: the camera and microphone are attached later with replaceTrack, no renegotiation
   camSender = pc.addTransceiver("video", { direction: camera ? "sendrecv" : "recvonly" }).sender;
   micSender = pc.addTransceiver("audio", { direction: "sendrecv" }).sender;
+  if (micTrack) await micSender.replaceTrack(micTrack);       // a new connection after a portrait change
+  if (camTrack) await camSender.replaceTrack(camTrack);
   const stream = new MediaStream();
   pc.ontrack = (e) => {
     stream.addTrack(e.track); $("video").srcObject = stream;
     if (query.has("avsync")) avsync.watch(e.track);
   };
-  pc.onconnectionstatechange = () => { $("status").textContent = "WebRTC: " + pc.connectionState; };
+  const mine = pc;
+  pc.onconnectionstatechange = () => {
+    if (pc !== mine) return;
+    if (mine.connectionState === "connected") status("connected: the avatar is live");
+    else if (mine.connectionState === "failed") status("the video connection failed (a firewall?)", true);
+  };
   await pc.setLocalDescription(await pc.createOffer());
   // the server answers with all its candidates, so send ours complete too (no trickle); give up waiting at 3 s
   await new Promise((done) => {
@@ -40,8 +66,9 @@ async function connect(iceServers, reenact, camera, calibrate) {
     setTimeout(done, 3000);
   });
   send({ op: "offer", sdp: pc.localDescription.sdp });
-  $("video").play().catch(() => { $("status").textContent = "click the video to start the sound"; });
-  setInterval(stats, 1000);
+  $("video").play().catch(() => { status("click the video to start the sound"); });
+  if (ticker) return;
+  ticker = setInterval(stats, 1000);
   if (query.has("mic")) $("mic").click();                    // tests
   if (camera && query.has("camera")) $("camera").click();
 }
@@ -60,14 +87,48 @@ async function stats() {
   });
   browser.currentTime = $("video").currentTime;
   browser.controlsShown = ["yaw", "location", "scale"].filter((id) => $(id).offsetParent !== null);
+  browser.portraitShown = $("portrait").offsetParent !== null;
   if (query.has("avsync")) browser.avsync = { flashes: avsync.flashes.slice(-120), clicks: avsync.clicks.slice(-120) };
   send(Object.assign({ op: "stats" }, browser));
   show();
 }
 
+// The figures a person asks about, in words: how late the lips are, how smooth the picture is, what was
+// skipped, and whether this machine keeps up.
 function show() {
-  $("metrics").textContent = "server\n" + JSON.stringify(server, null, 1) + "\nthis browser\n" + JSON.stringify(browser, null, 1);
+  const lines = [], warn = [];
+  const ms = (v) => `${Math.round(v)} ms`;
+  if (server.latency_p50_ms != null)
+    lines.push(`Latency: ${ms(server.latency_p50_ms)} from a word arriving to the face saying it (${ms(server.latency_p95_ms)} at worst, 95% of the time)`);
+  else if (server.frames != null) lines.push("Latency: say something to measure it");
+  if (server.fps != null) lines.push(`Frame rate: ${server.fps.toFixed(1)} frames/s sent` +
+    (browser.fps != null ? `, ${Math.round(browser.fps)} frames/s shown here` : ""));
+  const skipped = (server.repeats || 0) + (server.held || 0);
+  if (server.frames != null) lines.push(`Skipped frames: ${skipped} of ${server.frames}` + (server.frames ? ` (${(100 * skipped / server.frames).toFixed(1)}%)` : "") +
+    (browser.framesDropped ? `, ${browser.framesDropped} dropped by this browser` : ""));
+  if (server.drawn_fps != null && server.drawn_fps < 24 && server.frames >= 50)     // judged after 2 s
+    warn.push(`This machine renders ${server.drawn_fps.toFixed(1)} frames/s, fewer than the 25 a smooth picture needs: the last picture is repeated between them (the voice is not affected)`);
+  if (server.sessions != null && config && config.own) lines.push(`Avatars on this server: ${server.sessions} of ${server.capacity}`);
+  if (server.errors) warn.push(`The engine reported ${server.errors} error${server.errors > 1 ? "s" : ""}` + (server.last_error ? `: ${server.last_error}` : ""));
+  const list = $("metrics");
+  list.replaceChildren(...lines.map((t) => li(t)), ...warn.map((t) => li(t, "warn")));
 }
+const li = (text, cls) => { const el = document.createElement("li"); el.textContent = text; if (cls) el.className = cls; return el; };
+
+// The chosen photo, shrunk to at most 512 px and sent as a JPEG: the server finds the face in it.
+$("portrait").onchange = async () => {
+  const file = $("portrait").files[0];
+  if (!file) return;
+  try {
+    const image = await createImageBitmap(file);
+    const scale = Math.min(1, 512 / Math.max(image.width, image.height));
+    const canvas = document.createElement("canvas");
+    canvas.width = Math.round(image.width * scale); canvas.height = Math.round(image.height * scale);
+    canvas.getContext("2d").drawImage(image, 0, 0, canvas.width, canvas.height);
+    status("sending your portrait...");
+    send({ op: "portrait", image: canvas.toDataURL("image/jpeg", 0.9).split(",")[1] });
+  } catch (err) { status(`that file is not a picture this browser can read (${err.message})`, true); }
+};
 
 $("say").onclick = () => { const text = $("text").value.trim(); if (text) send({ op: "say", text }); };
 $("interrupt").onclick = () => send({ op: "interrupt" });

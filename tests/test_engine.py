@@ -1,0 +1,287 @@
+"""Many sessions on one engine worker: each gets the frames it gets alone, failures stay with their
+session, and the worker serves every session in turn. Tiny random-weight models, fp32 on the CPU."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from avatar.animator import StreamConfig, StreamingAnimator
+from avatar.pipeline import encode_portrait, load_models
+from avatar.portrait import asset_path, load_image, prepare_portrait, to_tensor
+from avatar.timebase import AudioChunk
+from conftest import tone
+from streaming.testing import ToneAnimator
+from streaming.worker import FATAL_AFTER, EngineWorker
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CONFIG = StreamConfig(steps=2, hop=5, context=5, lookahead=2, audio_context=10)
+CHUNK = 1600                                    # 100 ms pushes: a hop every other push or so
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoints):
+    models = load_models(tiny_checkpoints, "hubert_audio_only", "cpu")
+    image = to_tensor(prepare_portrait(load_image(asset_path("portrait.jpg"))).image)
+    # three portraits: the photo, its mirror image and a darker copy
+    codes = [encode_portrait(models, im) for im in (image, image.flip(-1), image * 0.7)]
+    return models, codes
+
+
+def animators(tiny, n=3):
+    models, codes = tiny
+    return [StreamingAnimator(models, codes[i % len(codes)], replace(CONFIG, seed=i)) for i in range(n)]
+
+
+def waves(n=3, seconds=1.3):
+    return [tone(seconds, freq=150 + 70 * i) for i in range(n)]
+
+
+def alone(animator, wave):
+    """The reference: the animator driven directly, no worker."""
+    frames = []
+    for i in range(0, len(wave), CHUNK):
+        frames += animator.push(AudioChunk(wave[i:i + CHUNK], i))
+    return frames + animator.flush()
+
+
+def on_worker(worker, animators, waves):
+    """Push every wave through its own port of ``worker`` (all queued before it starts, so the rounds are
+    deterministic) -> (frames per port, errors per port, (port index, kind) in the order answered)."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        frames, errors, order = [[] for _ in animators], [[] for _ in animators], []
+        finished = asyncio.Event()
+        ports = []
+
+        def attach(i, a):
+            def done(gen, kind, samples, seconds):
+                ports[i].done += 1
+                order.append((i, kind))
+                if all(p.done >= p.sent or p.dead for p in ports):
+                    finished.set()
+            return worker.attach(a, loop, lambda: 0, lambda gen, f: frames[i].append(f), done,
+                                 lambda gen, e, fatal: errors[i].append((str(e), fatal)))
+        ports.extend(attach(i, a) for i, a in enumerate(animators))
+        for port, wave in zip(ports, waves):
+            for i in range(0, len(wave), CHUNK):
+                port.submit("push", 0, AudioChunk(wave[i:i + CHUNK], i))
+            port.submit("flush", 0)
+        worker.start()
+        await asyncio.wait_for(finished.wait(), 120)
+        for p in ports:
+            p.detach()
+        worker.stop()
+        return frames, errors, order
+    return asyncio.run(main())
+
+
+def same(a, b):
+    return len(a) == len(b) and all(x.pts == y.pts and np.array_equal(x.image, y.image)
+                                    and np.array_equal(x.audio, y.audio) for x, y in zip(a, b))
+
+
+def test_a_session_on_a_shared_worker_gets_bit_identical_frames(tiny):
+    ws = waves()
+    reference = [alone(a, w) for a, w in zip(animators(tiny), ws)]
+    frames, errors, _ = on_worker(EngineWorker(), animators(tiny), ws)
+    assert errors == [[], [], []]
+    assert all(len(f) == 33 for f in reference)
+    for got, want in zip(frames, reference):
+        assert same(got, want)
+    assert not np.array_equal(reference[0][20].image, reference[1][20].image)   # the sessions do differ
+
+
+def test_batched_sessions_match_alone_within_rounding(tiny, monkeypatch):
+    """Batching stacks the HuBERT windows, the DDIM windows and the renderer's frames of all sessions
+    (each seen here in batches of 3): batched kernels round
+    differently: codes agree to 1e-4 and pictures to 4 grey levels, in at most 0.1 % of their values
+    (measured: codes 1.5e-6, pictures 3 grey levels at most, 0.02 % of the values differ at all)."""
+    ws = waves()
+    reference = [alone(a, w) for a, w in zip(animators(tiny), ws)]
+    sizes = {"hubert": [], "ddim": [], "render": []}
+
+    def spy(name, owner, attr, size):
+        original = getattr(owner, attr)
+        monkeypatch.setattr(owner, attr, lambda *a, **k: (sizes[name].append(size(*a, **k)), original(*a, **k))[1])
+    from avatar import batch
+    from models.frontend import HubertFrontend
+    spy("hubert", HubertFrontend, "states_batch", lambda self, waves: len(waves))
+    spy("ddim", batch, "sample_windows", lambda windows: len(windows))
+    models = tiny[0]
+    spy("render", models, "_render", lambda wa, alphas, feats: len(alphas))
+    frames, errors, _ = on_worker(EngineWorker(batch=True), animators(tiny), ws)
+    assert errors == [[], [], []]
+    assert max(sizes["hubert"]) == 3 and max(sizes["ddim"]) == 3 and max(sizes["render"]) == 3 * CONFIG.hop
+    for got, want in zip(frames, reference):
+        assert [f.pts for f in got] == [f.pts for f in want]
+        for x, y in zip(got, want):
+            assert np.array_equal(x.audio, y.audio)
+            np.testing.assert_allclose(x.meta["motion"], y.meta["motion"], atol=1e-4)
+            diff = np.abs(x.image.astype(int) - y.image.astype(int))
+            assert diff.max() <= 4 and (diff > 0).mean() <= 1e-3
+
+
+class Failing(StreamingAnimator):
+    """Fails hops after their motion is committed (so, as after a session's reset, the next hop can go
+    on): `fail` says which (a set of hop numbers; None: every hop)."""
+    def __init__(self, *args, fail=None, **kw):
+        super().__init__(*args, **kw)
+        self.fail, self.hops = fail, 0
+
+    def commit(self, *args):
+        codes = super().commit(*args)
+        self.hops += 1
+        if self.fail is None or self.hops in self.fail:
+            raise ValueError(f"bad window {self.hops}")
+        return codes
+
+
+class Broken(StreamingAnimator):
+    """Cannot take any audio: every item fails, so its engine is declared dead after FATAL_AFTER."""
+    def accept(self, chunk):
+        raise ValueError("broken")
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_failing_session_leaves_the_others_intact(tiny, batch):
+    """Session 1 fails one hop; session 2 fails every item until its engine is declared dead. Session 0
+    gets its frames as alone (bit-identical unbatched), and the worker serves it to the end."""
+    models, codes = tiny
+    ws = waves()
+    reference = alone(animators(tiny)[0], ws[0])
+    engines = [animators(tiny)[0], Failing(models, codes[1], replace(CONFIG, seed=1), fail={2}),
+               Broken(models, codes[2], replace(CONFIG, seed=2))]
+    frames, errors, _ = on_worker(EngineWorker(batch=batch), engines, ws)
+    if batch:
+        for x, y in zip(frames[0], reference):
+            assert np.abs(x.image.astype(int) - y.image.astype(int)).max() <= 4
+        assert [f.pts for f in frames[0]] == [f.pts for f in reference]
+    else:
+        assert same(frames[0], reference)
+    assert errors[0] == []
+    assert errors[1] == [("bad window 2", False)]
+    assert len(frames[1]) == len(reference) - CONFIG.hop        # the failed hop's frames only are lost
+    assert [fatal for _, fatal in errors[2]] == [False] * (FATAL_AFTER - 1) + [True]
+    assert frames[2] == []
+
+
+def test_the_worker_serves_sessions_in_turn():
+    """A session that floods the worker with 40 items cannot starve one that sends 4 at the same time:
+    rounds take one item per session, so the second session's 4 are answered among the first 8."""
+    frames, errors, order = on_worker(EngineWorker(), [ToneAnimator(), ToneAnimator()],
+                                      [np.full(40 * CHUNK, 0.1, np.float32), np.full(4 * CHUNK, 0.1, np.float32)])
+    second = [k for k, (i, _) in enumerate(order) if i == 1]
+    assert len(second) == 5 and max(second) <= 9              # 4 pushes and the flush
+    assert len(frames[0]) == 40 * CHUNK // 640 and len(frames[1]) == 4 * CHUNK // 640
+
+
+def test_call_runs_on_the_worker_thread_and_reports_errors():
+    import threading
+
+    worker = EngineWorker().start()
+    try:
+        assert worker.call(lambda: threading.current_thread().name).result(5) == "animator"
+        with pytest.raises(ZeroDivisionError):
+            worker.call(lambda: 1 / 0).result(5)
+    finally:
+        worker.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        worker.call(print)
+
+
+def test_sessions_on_one_engine_as_the_readme_shows(tiny):
+    """The README's pattern: one EngineWorker, several Sessions on it, each with its own portrait (encoded
+    on the worker's thread) and audio; a session's frames are those it gets alone."""
+    from streaming.clock import FakeTime
+    from streaming.session import Session
+
+    models, _ = tiny
+    image = to_tensor(prepare_portrait(load_image(asset_path("portrait.jpg"))).image)
+    photos = [image, image.flip(-1), image * 0.7]
+
+    async def client(engine, photo, pcm):
+        code = await asyncio.wrap_future(engine.call(encode_portrait, models, photo))
+        animator = StreamingAnimator(models, code, CONFIG, now=(clock := FakeTime()).now)
+        async with Session(animator, time_source=clock, engine=engine) as avatar:
+            avatar.push(pcm, rate=16000)
+            frames = avatar.frames()
+            out = [await frames.__anext__() for _ in range(45)]
+            await frames.aclose()
+        return out
+
+    async def main(n):
+        engine = EngineWorker().start()
+        try:
+            return await asyncio.gather(*(client(engine, photos[i], w) for i, w in enumerate(waves(n))))
+        finally:
+            engine.stop()
+
+    together = asyncio.run(main(3))
+    first_alone = asyncio.run(main(1))[0]
+    assert sum(f.audio.any() for f in together[0]) >= 30          # the speech played
+    assert same(together[0], first_alone)
+    assert not same(together[0], together[1])
+
+
+# ---- ready for a GPU ------------------------------------------------------------------------------------
+SYNCS = ("item", "tolist", "numpy", "cpu", "__int__", "__float__", "__bool__", "__index__")
+
+
+def test_the_ddim_loop_never_reads_a_value_back(tiny, monkeypatch):
+    """On a GPU, reading a tensor's value on the host (item(), int(t), float(t), a branch on a tensor, a
+    copy to the CPU) waits for every queued kernel. Sampling a window (three sessions' windows batched,
+    with inpainting) must not do it at all: every such call on a tensor is counted here."""
+    from avatar.motion import sample_windows
+
+    engines = animators(tiny)
+    for a, w in zip(engines, waves()):
+        a.push(AudioChunk(w[:8000], 0))                       # a hop or two: the windows now have context
+    blocks = [a.accept(AudioChunk(w[8000:12000], 8000)) for a, w in zip(engines, waves())]
+    windows = [a.plan(b[0]) for a, b in zip(engines, blocks)]
+    assert windows[0].n_ctx > 0 and len({w.key for w in windows}) == 1
+    calls = []
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k:
+                            (calls.append(_n), _f(self, *a, **k))[1])
+    with torch.inference_mode():
+        x0 = sample_windows(windows)
+        single = sample_windows(windows[:1])
+    monkeypatch.undo()
+    assert calls == []
+    assert len(x0) == 3 and x0[0].shape == single[0].shape
+
+
+def test_the_command_line_default_precision_is_bf16_on_a_gpu_only(monkeypatch):
+    import avatar.pipeline as pipeline
+    from avatar.pipeline import Speed
+    from streaming.cli import build_parser, speed_from_args
+
+    speed = speed_from_args(build_parser().parse_args(["render", "--audio", "a.wav"]))
+    monkeypatch.setattr(pipeline, "native_bf16", lambda device: True)
+    assert speed.resolve(torch.device("cpu")).precision == "fp32"         # the exact path stays the CPU's
+    assert speed.resolve(torch.device("cuda")).precision == "bf16"
+    assert Speed(precision="fp32").resolve(torch.device("cuda")).precision == "fp32"   # --precision fp32
+    monkeypatch.setattr(pipeline, "native_bf16", lambda device: False)
+    assert speed.resolve(torch.device("cuda")).precision == "fp32"        # an old GPU without bf16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_sessions_share_one_engine_in_bf16(tiny_checkpoints):
+    """On CUDA: bf16 by default, batching on, three sessions' frames come out of one worker."""
+    from avatar.pipeline import Speed
+
+    models = load_models(tiny_checkpoints, "hubert_audio_only", "cuda", Speed(precision=None))
+    assert models.speed.precision == "bf16"
+    image = to_tensor(prepare_portrait(load_image(asset_path("portrait.jpg"))).image)
+    code = encode_portrait(models, image)
+    engines = [StreamingAnimator(models, code, replace(CONFIG, seed=i)) for i in range(3)]
+    worker = EngineWorker()
+    frames, errors, _ = on_worker(worker, engines, waves())
+    assert worker.batch is True and errors == [[], [], []]
+    assert all(len(f) == 33 and f[-1].image.dtype == np.uint8 for f in frames)
