@@ -1,10 +1,13 @@
 """Audio in, MP4 out, through PyAV only (no ffmpeg binary, no torchaudio).
 
-The model works on 16 kHz mono float32 audio and 25 fps video: one video frame per 640 samples.
+The model works on 16 kHz mono float32 audio and 25 fps video: one video frame per 640 samples. The
+user's audio goes into the output as it came (its own rate, mono or stereo): a Sound, which gives the
+models their 16 kHz mono with mono16k().
 """
 import os
 import secrets
 import tempfile
+from dataclasses import dataclass
 from fractions import Fraction
 
 import av
@@ -13,8 +16,8 @@ import numpy as np
 from models.errors import AnitalkerError
 
 SAMPLE_RATE = 16000
-# sample rates the AAC encoder accepts; anything else is resampled to 48 kHz in the container
-_AAC_RATES = {8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000}
+# sample rates the AAC encoder accepts (at each of them a 25 fps frame is a whole number of samples)
+AAC_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
 
 
 class Resampler:
@@ -49,6 +52,68 @@ def _concat(frames) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
+# A Kaiser-windowed sinc at 48 kHz, 2 * _HALF + 1 taps: flat to ~6 kHz, -80 dB from 8 kHz (16 kHz's Nyquist).
+_HALF = 48
+_LOWPASS = (lambda n: (np.sinc(2 * 7000 / 48000 * n) * np.kaiser(len(n), 8.0)))(np.arange(-_HALF, _HALF + 1))
+_LOWPASS = (_LOWPASS / _LOWPASS.sum()).astype(np.float32)
+
+
+class Splitter:
+    """Any-rate mono audio -> (16 kHz for the models, 48 kHz for the outputs) of the same instants: each
+    call returns (lo, hi) with len(hi) == 3 * len(lo) and hi[3 i] at the time of lo[i], so a frame's 640
+    model samples and its 1,920 output samples are the same 1/25 s. lo is hi low-passed and decimated by 3.
+    Stateful: feed chunks of any size ((N,) or (N, C), averaged), then flush() once; the last ~1 ms waits
+    for the samples after it until then."""
+
+    def __init__(self, rate: int):
+        self.rate = int(rate)
+        self._swr = av.AudioResampler(format="flt", layout="mono", rate=48000) if self.rate != 48000 else None
+        self._buf = np.zeros(_HALF, np.float32)     # the filter's view back: silence before the start
+
+    def __call__(self, chunk) -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(chunk, dtype=np.float32)
+        x = x.mean(axis=1) if x.ndim == 2 else x
+        if self._swr is not None:
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x.reshape(1, -1)), format="flt",
+                                               layout="mono")
+            frame.sample_rate = self.rate
+            x = _concat(self._swr.resample(frame))
+        return self._split(x)
+
+    def flush(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rest: hi padded with silence to whole model samples."""
+        tail = _concat(self._swr.resample(None)) if self._swr is not None else np.zeros(0, np.float32)
+        return self._split(tail, end=True)
+
+    def _split(self, x: np.ndarray, end: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        buf = np.concatenate([self._buf, x])            # buf[_HALF] is the next model sample's instant
+        if end:
+            real = len(buf) - _HALF
+            buf = np.concatenate([buf, np.zeros(-real % 3 + _HALF, np.float32)])
+        n = max(0, (len(buf) - 2 * _HALF - 1) // 3 + 1)   # model samples whose whole window is here
+        lo = np.convolve(buf[:3 * n - 3 + 2 * _HALF + 1], _LOWPASS, "valid")[::3] if n else buf[:0]
+        hi = buf[_HALF:_HALF + 3 * n]
+        self._buf = buf[3 * n:]
+        return lo.astype(np.float32), hi.copy()
+
+
+class Upsampler:
+    """16 kHz -> 48 kHz, exactly three samples out for each one in, chunk by chunk (a frame's 640 -> its
+    1,920), for output audio that only exists at 16 kHz (an engine's own sound, a 16 kHz input). The output
+    is 1 ms late (the filter's half-length): the price of never waiting for the next chunk."""
+
+    def __init__(self):
+        self._hist = np.zeros(-(-2 * _HALF // 3), np.float32)
+
+    def __call__(self, x) -> np.ndarray:
+        s = np.concatenate([self._hist, np.asarray(x, np.float32)])
+        z = np.zeros(3 * len(s), np.float32)
+        z[::3] = 3 * s                                  # zero-stuffed; the filter's gain of 1/3 restored
+        y = np.convolve(z, _LOWPASS)[3 * len(self._hist):3 * len(s)]
+        self._hist = s[len(s) - len(self._hist):]
+        return y.astype(np.float32)
+
+
 def resample(wave, rate: int) -> np.ndarray:
     """(N,) or (N, C) audio at `rate` Hz -> (M,) float32 mono at 16 kHz, M = round(N*16000/rate)."""
     x = np.asarray(wave, dtype=np.float32)
@@ -60,8 +125,49 @@ def resample(wave, rate: int) -> np.ndarray:
     return np.concatenate([r(x), r.flush()])
 
 
-def load_audio(path) -> np.ndarray:
-    """Any file PyAV decodes (its first audio track) -> (N,) float32 mono at 16 kHz."""
+@dataclass(frozen=True, eq=False)
+class Sound:
+    """The user's audio as it goes into the output: samples (n, channels) float32, 1 or 2 channels, at
+    its own rate. mixed_from: the channel count of the file when it had more than two (mixed to stereo)."""
+    samples: np.ndarray
+    rate: int
+    mixed_from: int = 0
+
+    @property
+    def channels(self) -> int:
+        return self.samples.shape[1]
+
+    def mono16k(self) -> np.ndarray:
+        """What the models read: the mean of the channels (librosa.load's to_mono) at 16 kHz, (N,) float32."""
+        return resample(self.samples, self.rate)
+
+    def cut(self, n: int) -> "Sound":
+        """The first n samples (all of them when there are fewer)."""
+        return Sound(self.samples[:n], self.rate, self.mixed_from)
+
+    def for_aac(self) -> "Sound":
+        """This sound at a rate the AAC encoder takes: its own, or else the next one above (96 kHz at most),
+        resampled here in one pass so the file's length stays exact."""
+        if self.rate in AAC_RATES:
+            return self
+        to = next((r for r in AAC_RATES if r >= self.rate), AAC_RATES[-1])
+        layout = "mono" if self.channels == 1 else "stereo"
+        swr = av.AudioResampler(format="flt", layout=layout, rate=to)
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(self.samples).reshape(1, -1), format="flt",
+                                           layout=layout)
+        frame.sample_rate = self.rate
+        parts = [f.to_ndarray().reshape(-1, self.channels) for f in swr.resample(frame) + swr.resample(None)]
+        return Sound(np.concatenate(parts) if parts else np.zeros((0, self.channels), np.float32), to,
+                     self.mixed_from)
+
+    @staticmethod
+    def silence(n: int, rate: int = SAMPLE_RATE) -> "Sound":
+        return Sound(np.zeros((n, 1), np.float32), rate)
+
+
+def decode_audio(path) -> Sound:
+    """Any file PyAV decodes (its first audio track) -> a Sound at the file's own rate: mono stays mono,
+    stereo stays stereo, more channels (5.1) are mixed down to stereo with FFmpeg's standard matrix."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise AnitalkerError(f"audio file not found: {path}")
@@ -71,16 +177,28 @@ def load_audio(path) -> np.ndarray:
                 raise AnitalkerError(f"{path} has no audio track: give a wav/mp3/ogg/flac file "
                                      "or a video with sound")
             stream = container.streams.audio[0]
-            # keep the channels through the resampler and average afterwards (librosa's to_mono)
-            swr = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
-            chunks = [f.to_ndarray() for frame in container.decode(stream)
-                      for f in swr.resample(frame)]
-            chunks += [f.to_ndarray() for f in swr.resample(None)]
+            chunks, swr, channels = [], None, 0
+            for frame in container.decode(stream):
+                if swr is None:             # the first frame fixes the output: its rate, mono or stereo
+                    channels = len(frame.layout.channels)
+                    rate = frame.sample_rate
+                    swr = av.AudioResampler(format="flt", layout="mono" if channels == 1 else "stereo",
+                                            rate=rate)
+                chunks += [f.to_ndarray() for f in swr.resample(frame)]
+            if swr is not None:
+                chunks += [f.to_ndarray() for f in swr.resample(None)]
     except (av.FFmpegError, ValueError) as e:       # ValueError: format change mid-stream
         raise AnitalkerError(f"cannot decode audio from {path}: {e}") from e
-    if not chunks or sum(c.shape[1] for c in chunks) == 0:
+    if not chunks or sum(c.size for c in chunks) == 0:
         raise AnitalkerError(f"{path} contains no audio samples")
-    return check_finite(np.concatenate(chunks, axis=1).mean(axis=0).astype(np.float32), path)
+    out = min(channels, 2)
+    samples = np.concatenate(chunks, axis=1).reshape(-1, out)        # packed: (1, n * c) -> (n, c)
+    return Sound(check_finite(samples, path, rate=rate), rate, channels if channels > 2 else 0)
+
+
+def load_audio(path) -> np.ndarray:
+    """Any file PyAV decodes (its first audio track) -> (N,) float32 mono at 16 kHz."""
+    return decode_audio(path).mono16k()
 
 
 def check_finite(samples: np.ndarray, path, start: int = 0, rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -251,6 +369,8 @@ class VideoWriter:
         # would end up on the finished video
         self.tmp = os.path.join(folder, f".{os.path.basename(self.path)}.{os.getpid()}.{secrets.token_hex(4)}.part")
         self.fps, self.rate, self.has_audio = Fraction(fps), int(sample_rate), audio
+        if audio and self.rate not in AAC_RATES:
+            raise ValueError(f"AAC takes {', '.join(map(str, AAC_RATES))} Hz, not {self.rate} (Sound.for_aac)")
         self.frames = 0
         self._samples = 0                         # audio samples given to the encoder
         self._box = self._video = self._sound = None
@@ -270,8 +390,10 @@ class VideoWriter:
             self._layout = {1: "mono", 2: "stereo"}.get(channels)
             if self._layout is None:
                 raise AnitalkerError(f"{self.path}: {channels}-channel audio; mono or stereo only")
-            self._sound = self._box.add_stream("aac", rate=self.rate if self.rate in _AAC_RATES else 48000)
+            self._sound = self._box.add_stream("aac", rate=self.rate)
             self._sound.layout = self._layout
+            # 96 kbps a channel keeps music clean; an AAC frame holds at most 6 bits a sample a channel
+            self._sound.bit_rate = channels * min(96000, 6 * self.rate)
 
     def write(self, image, audio=None) -> None:
         try:
@@ -337,22 +459,25 @@ def write_mp4(path, frames, audio, fps=25, sample_rate=SAMPLE_RATE, progress=Non
     """Write a video file (H.264 + AAC; mp4, mov or mkv by the name) atomically, with VideoWriter.
 
     frames: iterable of uint8 (H, W, 3) RGB, all the same size (odd sizes lose the last row/col).
-    audio: float32 (N,) mono or (N, C) at ``sample_rate``, or None for a silent video. It is cut or
-    zero-padded to exactly n_frames * sample_rate / fps samples and interleaved with the video as it goes.
+    audio: a Sound (written at its own rate and channels), float32 (N,) mono or (N, C) at ``sample_rate``,
+    or None for a silent video. A rate AAC does not take is resampled to the next one it does. The sound is
+    cut or zero-padded to exactly round(n_frames * rate / fps) samples and interleaved with the video as it
+    goes, frame by frame.
     progress(n) is called after each frame with the number of frames written so far.
     On any exception (or an interrupt) nothing is left behind and ``path`` is untouched.
     """
-    writer = VideoWriter(path, fps, sample_rate, audio=audio is not None)
-    if audio is not None:
-        audio = np.asarray(audio, dtype=np.float32)
-        audio = audio.reshape(-1) if audio.ndim == 1 or audio.shape[1] == 1 else audio
+    if audio is not None and not isinstance(audio, Sound):
+        x = np.asarray(audio, dtype=np.float32)
+        audio = Sound(x.reshape(len(x), -1), int(sample_rate))
+    sound = audio.for_aac() if audio is not None else None
+    writer = VideoWriter(path, fps, sound.rate if sound else SAMPLE_RATE, audio=sound is not None)
     try:
         for count, img in enumerate(frames, start=1):
             chunk = None
-            if audio is not None:              # the audio that belongs to the frames so far, zero-padded
-                start, end = writer._samples, round(count * int(sample_rate) / fps)
-                chunk = np.zeros((end - start,) + audio.shape[1:], np.float32)
-                have = audio[start:end]
+            if sound is not None:              # the audio that belongs to the frames so far, zero-padded
+                start, end = writer._samples, round(count * sound.rate / fps)
+                chunk = np.zeros((end - start, sound.channels), np.float32)
+                have = sound.samples[start:end]
                 chunk[:len(have)] = have
             writer.write(img, chunk)
             if progress is not None:

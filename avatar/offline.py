@@ -1,6 +1,8 @@
 """Offline rendering to a video file: a portrait and an audio file in one pass over the utterance (or through\nthe streaming engine), and a portrait driven by a video (reenactment)."""
 from __future__ import annotations
 
+import os
+import sys
 import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
@@ -10,7 +12,7 @@ from tqdm import tqdm
 
 from models.errors import AnitalkerError
 
-from .media import has_audio, load_audio, read_video_frames, video_seconds, write_mp4
+from .media import Sound, decode_audio, has_audio, read_video_frames, video_seconds, write_mp4
 from .pipeline import Controls, Models, encode_portrait, generate_motion, render
 from .portrait import load_image, prepare_portrait, to_tensor, to_uint8
 from .reenact import ReenactConfig, Reenactor, TimedFrames
@@ -35,6 +37,15 @@ class Timings:
         total = sum(self.seconds.values())
         rows = [f"  {k:<10} {v:8.2f} s" for k, v in self.seconds.items()]
         return "\n".join(rows + [f"  {'total':<10} {total:8.2f} s"])
+
+
+def load_sound(path) -> Sound:
+    """The input's audio as the output will carry it; a mixdown of more than two channels is said once."""
+    sound = decode_audio(path)
+    if sound.mixed_from:
+        print(f"{os.fspath(path)}: {sound.mixed_from} audio channels, mixed down to stereo for the output",
+              file=sys.stderr)
+    return sound
 
 
 def _stream(animator, wave: np.ndarray, step: int):
@@ -67,8 +78,9 @@ def _feature_progress(models: Models, progress: bool):
 def render_file_streaming(animator, original, box, audio_path, out_path, *, paste_back: bool = False,
                           watermark: str | None = None, chunk_ms: int = 20, progress: bool = True) -> Timings:
     """Render a file through the streaming engine: the audio is pushed in ``chunk_ms`` chunks as a live
-    source would push it, and the frames with their own audio go to the video file."""
-    wave = load_audio(audio_path)
+    source would push it, and the frames go to the video file with the input's audio at its own rate."""
+    sound = load_sound(audio_path)
+    wave = sound.mono16k()
     finish = make_finish(original, box, paste_back=paste_back, watermark=watermark)
     step = 16 * chunk_ms
 
@@ -80,9 +92,9 @@ def render_file_streaming(animator, original, box, audio_path, out_path, *, past
                     yield finish(f.image)
 
     # The frames carry exactly the wave's samples, padded with silence to whole frames: write_mp4 pads the
-    # same way, so the wave itself is the soundtrack.
+    # input's own sound the same way, so it lines up with them sample for sample.
     t0 = time.perf_counter()
-    write_mp4(out_path, frames(), wave)
+    write_mp4(out_path, frames(), sound)
     timings = Timings(dict(animator.timings))
     timings.seconds["encode"] = time.perf_counter() - t0 - sum(animator.timings.values())
     return timings
@@ -101,7 +113,8 @@ def render_file(models: Models, portrait_path, audio_path, out_path, *, controls
         original = load_image(portrait_path)
         portrait = prepare_portrait(original, crop=crop)
         code = encode_portrait(models, to_tensor(portrait.image))
-    wave = load_audio(audio_path)
+    sound = load_sound(audio_path)
+    wave = sound.mono16k()
     with timings("features"), _feature_progress(models, progress):
         audio, frames = models.features(wave)
     if frames < 1:
@@ -126,7 +139,7 @@ def render_file(models: Models, portrait_path, audio_path, out_path, *, controls
                 yield from imgs
 
     t0 = time.perf_counter()
-    write_mp4(out_path, frames_u8(), wave)
+    write_mp4(out_path, frames_u8(), sound)           # the input's audio at its own rate and channels
     timings.seconds["encode"] = time.perf_counter() - t0 - timings.seconds["render"]
     return timings
 
@@ -145,11 +158,15 @@ def reenact_file(models: Models, portrait_path, video_path, out_path, *, config:
     frames = read_video_frames(video_path)        # checks the file and its video track first
     with closing(frames):                         # the decoder's file is closed also when writing fails
         seconds = video_seconds(video_path)
-        wave = load_audio(video_path) if has_audio(video_path) else None   # no sound: driven over silence
         n_samples = max(SAMPLES_PER_FRAME, round(seconds * SAMPLE_RATE))
-        track = np.zeros(n_samples, np.float32)
-        if wave is not None:
+        track = np.zeros(n_samples, np.float32)       # what the engine reads: 16 kHz mono for the clip's length
+        if has_audio(video_path):                     # the output keeps the clip's sound as it is
+            sound = load_sound(video_path)
+            sound = sound.cut(round(seconds * sound.rate))
+            wave = sound.mono16k()
             track[:min(len(wave), n_samples)] = wave[:n_samples]
+        else:                                         # no sound: driven over silence
+            sound = Sound.silence(n_samples)
         animator = Reenactor(models, code, TimedFrames(frames), config)
         finish = make_finish(original, portrait.box, paste_back=paste_back, watermark=watermark)
         step = 16 * 20                            # 20 ms chunks, as a live source pushes them
@@ -163,7 +180,7 @@ def reenact_file(models: Models, portrait_path, video_path, out_path, *, config:
                         yield finish(f.image)
 
         t0 = time.perf_counter()
-        write_mp4(out_path, out_frames(), track)
+        write_mp4(out_path, out_frames(), sound)
     timings.seconds.update(animator.timings)
     timings.seconds["encode"] = time.perf_counter() - t0 - sum(animator.timings.values())
     return timings

@@ -17,6 +17,8 @@ SAMPLES_PER_FRAME = SAMPLE_RATE // FPS        # 640
 FEATURE_RATE = 50                             # HuBERT rows per second
 SAMPLES_PER_FEATURE = SAMPLE_RATE // FEATURE_RATE   # 320
 FEATURES_PER_FRAME = FEATURE_RATE // FPS      # 2
+OUT_RATE = 48000                              # what the live outputs send: the input's sound, never 16 kHz
+OUT_SAMPLES_PER_FRAME = OUT_RATE // FPS       # 1920
 
 
 def frames_for_samples(n: int) -> int:
@@ -49,11 +51,14 @@ class AudioChunk:
     clock), or None. An engine can use it to sample a live input (a camera) as late as its compute time
     allows, and to skip drawing frames that could no longer be shown on time.
     idle: silence a session feeds while nobody speaks (not the speaker's audio: it must not change how
-    the speaker's audio is normalised)."""
+    the speaker's audio is normalised).
+    hi: the same audio at 48 kHz for the outputs (3 samples for each one, the same instants), when the
+    input came at another rate than 16 kHz (media.Splitter); None otherwise."""
     samples: np.ndarray
     pts: int = 0
     due: float | None = None
     idle: bool = False
+    hi: np.ndarray | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,7 +77,8 @@ class AvFrame:
     pushed_at: time.monotonic() when the last of its audio samples was pushed into the engine;
     produced_at: when the engine returned it. Their difference is the engine's latency for this frame.
     meta: "motion", the frame's motion code (an engine continues from it after an interrupt); sessions add
-    "repeat", "held", "tags", "ended".
+    "repeat", "held", "tags", "ended", and "audio48k": the frame's sound as the outputs send it, exactly
+    OUT_SAMPLES_PER_FRAME samples at OUT_RATE (the input's own 48 kHz audio where it had it).
     """
     image: np.ndarray
     audio: np.ndarray

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from avatar.timebase import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, AvFrame
+from avatar.timebase import FPS, OUT_RATE, SAMPLES_PER_FRAME, AvFrame
 
 DONE = object()          # next_frame() returns it when the stream has ended
 MAX_LATE_S = 0.5         # behind by more than this (a suspended laptop): re-anchor instead of bursting
@@ -268,4 +268,4 @@ class StreamSpec:
     width: int
     height: int
     fps: int = FPS
-    sample_rate: int = SAMPLE_RATE
+    sample_rate: int = OUT_RATE           # the outputs' sound (frame.meta["audio48k"])

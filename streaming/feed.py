@@ -15,6 +15,8 @@ TTS plays at exactly 25 fps with no second pacer.
   up to a lead of idling.
 - Live audio (a microphone) is bounded: beyond LIVE_SLACK_FRAMES waiting, its oldest samples are dropped
   and counted. Other audio (TTS, files, whole utterances) always plays in full.
+- Output sound: audio that came at another rate than 16 kHz carries its 48 kHz version along (Piece.hi, three
+  samples for each one); a shown frame is told it (Released.hi) when the whole frame had one.
 - Tags: pushed audio may carry a tag; the frames that hold it report it, and ``end_segment`` marks the
   last sample of a tag, so a caller learns when a segment has been played (and up to where).
 """
@@ -42,6 +44,7 @@ class Piece:
     live: bool = False
     tag: object = None
     mark: bool = False      # no samples: the end of `tag`'s segment
+    hi: np.ndarray | None = None    # the same audio at 48 kHz, 3 samples for each one (or None)
 
 
 @dataclass
@@ -51,6 +54,8 @@ class Released:
     arrival: float | None
     tags: frozenset
     ended: tuple
+    lo: np.ndarray | None = None    # the 640 samples fed, and their 1,920 at 48 kHz, when all of them had it
+    hi: np.ndarray | None = None
 
 
 class Feed:
@@ -64,6 +69,7 @@ class Feed:
         self.pending: collections.deque[Piece] = collections.deque()
         self.arrivals = collections.deque()     # (first, end sample, arrival, tag) of fed source audio
         self.marks = collections.deque()        # (end sample, tag) of fed segment ends
+        self.his = collections.deque()          # (first sample, samples, their 48 kHz) of fed pieces with hi
         self.fed = 0                            # samples given to the engine (the next chunk's pts)
         self.released = 0                       # engine samples shown
         self.slot_time = 0.0
@@ -111,6 +117,7 @@ class Feed:
                 excess -= cut
                 self.dropped_samples += cut
                 p.samples = p.samples[cut:]
+                p.hi = p.hi[3 * cut:] if p.hi is not None else None
                 if not len(p.samples):
                     continue
             kept.append(p)
@@ -173,11 +180,14 @@ class Feed:
             if p.mark:
                 self.marks.append((at, p.tag))
                 continue
-            x = p.samples
+            x, hi = p.samples, p.hi
             if len(x) > budget:
-                self.pending.appendleft(Piece(x[budget:], p.arrival, p.live, p.tag))
-                x = x[:budget]
+                self.pending.appendleft(Piece(x[budget:], p.arrival, p.live, p.tag,
+                                              hi=hi[3 * budget:] if hi is not None else None))
+                x, hi = x[:budget], hi[:3 * budget] if hi is not None else None
             self.arrivals.append((at, at + len(x), p.arrival, p.tag))
+            if hi is not None:
+                self.his.append((at, x, hi))
             pieces.append(x)
             budget -= len(x)
         if pieces:
@@ -224,7 +234,23 @@ class Feed:
         ended = []
         while self.marks and self.marks[0][0] <= self.released:
             ended.append(self.marks.popleft()[1])
-        return Released(arrival, frozenset(tags), tuple(ended))
+        return Released(arrival, frozenset(tags), tuple(ended), *self._hi(start))
+
+    def _hi(self, start: int) -> tuple:
+        """(lo, hi) of the frame [start, start + 640) when fed pieces with hi cover all of it, else (None, None)."""
+        while self.his and self.his[0][0] + len(self.his[0][1]) <= start:
+            self.his.popleft()
+        lo, hi, at = [], [], start
+        for first, x, h in self.his:
+            if first > at or at >= self.released:
+                break
+            a, b = at - first, min(len(x), self.released - first)
+            lo.append(x[a:b])
+            hi.append(h[3 * a:3 * b])
+            at = first + b
+        if at < self.released:
+            return None, None
+        return np.concatenate(lo), np.concatenate(hi)
 
     def clear(self, queued: bool = True) -> None:
         """Drop every in-flight sample (the engine restarts from what was shown) and, for an interrupt,
@@ -236,5 +262,6 @@ class Feed:
             self.pending.clear()
         self.arrivals.clear()
         self.marks.clear()
+        self.his.clear()
         self.fed = self.released
         self.flushing = False

@@ -137,7 +137,7 @@ def clip_audio(path):
                 async for chunk in sound:
                     x = chunk.samples[:total - done]
                     if len(x):
-                        yield AudioChunk(x, done)
+                        yield AudioChunk(x, done, hi=None if chunk.hi is None else chunk.hi[:3 * len(x)])
                         done += len(x)
                     if done >= total:
                         return

@@ -34,7 +34,7 @@ import collections
 
 import numpy as np
 
-from avatar.media import Resampler
+from avatar.media import Splitter, Upsampler
 from avatar.timebase import SAMPLE_RATE, SAMPLES_PER_FRAME
 from models.errors import AnitalkerError
 
@@ -75,6 +75,7 @@ class Session:
         self._progress = asyncio.Event()
         self._ended = False
         self._push_resamplers = {}
+        self._upsample = Upsampler()            # the outputs' 48 kHz where the input had none
         self._readers = set()                   # the QueueSinks of frames() iterations
         self._fatal = None
 
@@ -142,24 +143,26 @@ class Session:
         x = np.asarray(samples, np.float32).reshape(-1)
         if not np.isfinite(x).all():            # a broken decoder or client: silence, not NaN motion
             x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-        if rate != SAMPLE_RATE:
-            x = self._resampler(stream, rate)(x)
+        hi = None
+        if rate != SAMPLE_RATE:                 # the models get 16 kHz, the outputs keep 48 kHz of it
+            x, hi = self._resampler(stream, rate)(x)
+            hi = np.clip(hi, -1.0, 1.0)
         x = np.clip(x, -1.0, 1.0)           # a full-scale tone overshoots a little when resampled
-        self._put(Piece(x, self.time.now(), live, tag))
+        self._put(Piece(x, self.time.now(), live, tag, hi=hi))
 
     def end_segment(self, tag, stream=None) -> None:
         """The audio pushed with `tag` is complete: the frame holding its last sample carries the tag in
         frame.meta["ended"] when shown. The stream's resampler gives up its last few ms first."""
         for key in [k for k in self._push_resamplers if k[0] == stream]:
-            tail = self._push_resamplers.pop(key).flush()
+            tail, hi = self._push_resamplers.pop(key).flush()
             if len(tail):
-                self._put(Piece(np.clip(tail, -1.0, 1.0), self.time.now(), False, tag))
+                self._put(Piece(np.clip(tail, -1.0, 1.0), self.time.now(), False, tag, hi=np.clip(hi, -1.0, 1.0)))
         self._put(Piece(np.zeros(0, np.float32), self.time.now(), False, tag, mark=True))
 
-    def _resampler(self, stream, rate: int) -> Resampler:
+    def _resampler(self, stream, rate: int) -> Splitter:
         if not 1000 <= int(rate) <= 384000:
             raise AnitalkerError(f"sample rate {rate} is out of range (1000-384000 Hz)")
-        return self._push_resamplers.setdefault((stream, int(rate)), Resampler(int(rate)))
+        return self._push_resamplers.setdefault((stream, int(rate)), Splitter(int(rate)))
 
     def _put(self, piece: Piece) -> None:
         try:
@@ -263,6 +266,12 @@ class Session:
                 frame.meta["tags"] = released.tags
             if released.ended:
                 frame.meta["ended"] = released.ended
+        # the outputs' sound: the input's own 48 kHz when the engine passed that input through unchanged (a
+        # test pattern draws its own click), else the frame's 16 kHz upsampled; the upsampler hears every
+        # frame, so it never starts cold
+        up = self._upsample(frame.audio)
+        own = released is not None and released.hi is not None and np.array_equal(released.lo, frame.audio)
+        frame.meta["audio48k"] = released.hi if own else up
         if self.metrics.first_in is None and released is not None and released.arrival is not None:
             self.metrics.first_in = released.arrival
         self.metrics.released(frame, t, released and released.arrival)
@@ -311,10 +320,14 @@ class Session:
         live = bool(getattr(source, "live", False))
         try:
             async for chunk in source:
-                x = np.asarray(chunk.samples, np.float32)
-                if not np.isfinite(x).all():
-                    x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-                await self.feed.inq.put(Piece(x, self.time.now(), live))
+                hi = None if chunk.hi is None else _finite(chunk.hi)
+                await self.feed.inq.put(Piece(_finite(chunk.samples), self.time.now(), live, hi=hi))
         except Exception as e:                    # a broken device or file ends the session with its error
             self._fatal = e
         await self.feed.inq.put(END)
+
+
+def _finite(samples) -> np.ndarray:
+    """float32 samples with NaN and inf (a broken device or file) as silence."""
+    x = np.asarray(samples, np.float32)
+    return x if np.isfinite(x).all() else np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)

@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from avatar.media import VideoWriter, check_output
-from avatar.timebase import FPS, SAMPLE_RATE, AvFrame
+from avatar.timebase import FPS, OUT_RATE, AvFrame
 from models.errors import AnitalkerError
 
 from .clock import StreamSpec
@@ -127,7 +127,8 @@ class QueueSink:
 
 class FileSink(BlockingSink):
     """A video file (mp4, mov or mkv by the name), encoded on its own thread by avatar.media.VideoWriter as
-    frames arrive and renamed into place at close, never a half file. keep(), asked at close, says whether
+    frames arrive and renamed into place at close, never a half file. The sound is the frames' 48 kHz
+    (meta["audio48k"]), 1,920 samples a frame. keep(), asked at close, says whether
     the recording is wanted: False (the session failed, or an interrupt cut its input short) discards it and
     leaves an existing file untouched; so do abort() (the session failed) and a failed write."""
     max_queue = 250             # 10 s: an encoder slower than real time for a while loses nothing
@@ -143,7 +144,7 @@ class FileSink(BlockingSink):
         self.writer = VideoWriter(self.path, spec.fps, spec.sample_rate)
 
     def write_sync(self, frame: AvFrame) -> None:
-        self.writer.write(frame.image, frame.audio)     # discards the file itself if encoding fails
+        self.writer.write(frame.image, frame.meta["audio48k"])     # discards the file itself if encoding fails
         self.frames += 1
 
     def close_sync(self) -> None:
@@ -207,7 +208,8 @@ class VirtualCamSink(BlockingSink):
 
 
 class SpeakerSink:
-    """The voice to an output device (e.g. a virtual cable into the call) at the device's own rate.
+    """The voice to an output device (e.g. a virtual cable into the call) at the device's own rate, from the
+    frames' 48 kHz sound (meta["audio48k"]).
 
     The device pulls from a buffer in its callback; a short buffer is silence (counted), never a stall.
     Each frame's audio should start playing exactly delay_frames / 25 s after it is written: a whole
@@ -292,8 +294,9 @@ class SpeakerSink:
 
     async def write(self, frame: AvFrame) -> None:
         import av
-        af = av.AudioFrame.from_ndarray(np.asarray(frame.audio, np.float32)[None], format="flt", layout="mono")
-        af.sample_rate = SAMPLE_RATE
+        af = av.AudioFrame.from_ndarray(np.asarray(frame.meta["audio48k"], np.float32)[None], format="flt",
+                                        layout="mono")
+        af.sample_rate = OUT_RATE
         parts = [f.to_ndarray()[0] for f in self._swr.resample(af)]
         x = np.concatenate(parts) if parts else np.zeros(0, np.float32)
         if abs(self.device_latency - self._planned_latency) > 0.005:   # the device said more than open() did

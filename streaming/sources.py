@@ -13,7 +13,7 @@ import shutil
 
 import numpy as np
 
-from avatar.media import Resampler, check_finite
+from avatar.media import Splitter, check_finite
 from avatar.timebase import SAMPLE_RATE, AudioChunk
 from models.errors import AnitalkerError
 
@@ -33,16 +33,19 @@ class PcmSource:
             x = x.astype(np.float32) / 32768.0 if x.dtype == np.int16 else x.astype(np.float32)
             if not np.isfinite(x).all():    # a broken producer must not turn the models' output into NaN
                 x = np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
-            if rate != SAMPLE_RATE:
-                x = resamplers.setdefault(rate, Resampler(rate))(x)
+            hi = None
+            if rate != SAMPLE_RATE:         # the models get 16 kHz, the outputs keep 48 kHz of it
+                x, hi = resamplers.setdefault(rate, Splitter(rate))(x)
             elif x.ndim == 2:
                 x = x.mean(axis=1)
             if len(x):
-                yield AudioChunk(x, pts)
+                yield AudioChunk(x, pts, hi=hi)
                 pts += len(x)
-        tail = np.concatenate([r.flush() for r in resamplers.values()] + [np.zeros(0, np.float32)])
-        if len(tail):                       # the few ms still inside the resampling filter
-            yield AudioChunk(tail, pts)
+        for r in resamplers.values():       # the ms still inside the filters
+            tail, hi = r.flush()
+            if len(tail):
+                yield AudioChunk(tail, pts, hi=hi)
+                pts += len(tail)
 
 
 class FileSource:
@@ -127,7 +130,8 @@ class TTSSource:
 
 
 class MicSource:
-    """A microphone through sounddevice at the device's own rate, resampled to 16 kHz.
+    """A microphone through sounddevice at the device's own rate: 16 kHz for the models, 48 kHz of it kept
+    for the outputs.
 
     The PortAudio callback runs on its own thread; it copies the block and hands it to the event loop
     with call_soon_threadsafe (never blocks). Overflows (the device's and our own full queue) are counted.
@@ -170,10 +174,10 @@ class MicSource:
                                     finished_callback=lambda: hand_off(None))
         except (sd.PortAudioError, ValueError) as e:
             raise AnitalkerError(f"cannot open the microphone: {e} (anitalker devices lists them)") from None
-        resample, pts = Resampler(self.rate), 0
+        split, pts = Splitter(self.rate) if self.rate != SAMPLE_RATE else None, 0
         with stream:
             while (block := await q.get()) is not None:     # None: the stream has finished
-                x = resample(block) if self.rate != SAMPLE_RATE else block
+                x, hi = split(block) if split is not None else (block, None)
                 if len(x):
-                    yield AudioChunk(x, pts)
+                    yield AudioChunk(x, pts, hi=hi)
                     pts += len(x)

@@ -2,7 +2,8 @@
 connected viewer as one video and one audio track.
 
 Timing: the clock paces writes, so the tracks never sleep; they hand out what the sink queued. Video and
-audio of a frame get timestamps from the same frame pts (video pts*3600 at 90 kHz, audio pts*640 at 16 kHz)
+audio of a frame get timestamps from the same frame pts (video pts*3600 at 90 kHz, audio pts*1920 at 48 kHz:
+the frame's own 48 kHz sound, meta["audio48k"])
 and are queued to a viewer together, and only once its connection is up, so both RTP streams start on the
 same frame and the sender reports (RTCP SR) map them to the same wall time: the browser lip-syncs from those.
 """
@@ -19,7 +20,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from avatar.timebase import FPS, SAMPLE_RATE
+from avatar.timebase import FPS, OUT_RATE, OUT_SAMPLES_PER_FRAME
 from models.errors import AnitalkerError
 
 try:
@@ -139,16 +140,16 @@ class WebRTCSink:
         if not live:
             return
         image = np.ascontiguousarray(frame.image)
-        pcm = (np.clip(frame.audio, -1, 1) * 32767).astype("<i2")[None]
+        pcm = (np.clip(frame.meta["audio48k"], -1, 1) * 32767).astype("<i2")[None]
         for v in live:     # a frame each: PyAV frames keep conversion state, and encoders run on threads
             vf = av.VideoFrame.from_ndarray(image, format="rgb24")
             vf.pts, vf.time_base = frame.pts * (VIDEO_CLOCK // FPS), Fraction(1, VIDEO_CLOCK)
             v.video.put(vf)
             # aiortc stamps each audio frame's Opus packets with one timestamp: hand it 20 ms at a time
-            for i in (0, 320):
-                af = av.AudioFrame.from_ndarray(pcm[:, i:i + 320], format="s16", layout="mono")
-                af.sample_rate, af.pts = SAMPLE_RATE, frame.pts * len(frame.audio) + i
-                af.time_base = Fraction(1, SAMPLE_RATE)
+            for i in (0, OUT_RATE // 50):
+                af = av.AudioFrame.from_ndarray(pcm[:, i:i + OUT_RATE // 50], format="s16", layout="mono")
+                af.sample_rate, af.pts = OUT_RATE, frame.pts * OUT_SAMPLES_PER_FRAME + i
+                af.time_base = Fraction(1, OUT_RATE)
                 v.audio.put(af)
 
     async def connect(self, offer_sdp: str, on_audio=None, on_video=None):
