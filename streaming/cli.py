@@ -336,8 +336,34 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())       # a message that quotes a library's multi-line text stays one line
 
 
+class _LineTracker:
+    """stderr that remembers whether its cursor is at the start of a line: a signal can land while a
+    progress bar is drawn (before its closing newline), and the one line that says so must not be glued
+    to the bar."""
+
+    def __init__(self, stream):
+        self.stream, self.at_line_start = stream, True
+
+    def write(self, text: str) -> int:
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _say(line: str) -> None:
+    """The command's one closing line, on a line of its own."""
+    if not sys.stderr.at_line_start:
+        print(file=sys.stderr)
+    print(line, file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    stderr = sys.stderr
+    sys.stderr = _LineTracker(stderr)
     # SIGTERM unwinds like Ctrl-C, so every writer removes its partial file on the way out
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
@@ -345,17 +371,18 @@ def main(argv=None) -> int:
     except (AnitalkerError, OSError) as e:   # OSError: a full disk, ...: the OS message names the file
         if args.debug:
             raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        _say(f"error: {_one_line(e)}")
         return 1
     except (KeyboardInterrupt, Interrupted) as e:
         if not isinstance(e, Interrupted):
             e = Interrupted(signal.SIGINT)
         if not e.note and getattr(args, "output", None):
             e.note = f"nothing was written to {args.output}"
-        print(_one_line(e), file=sys.stderr)
+        _say(_one_line(e))
         return e.exit_code
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.stderr = stderr
 
 
 if __name__ == "__main__":

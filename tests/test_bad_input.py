@@ -415,3 +415,19 @@ def test_pushed_pcm_that_is_not_numbers_is_cleaned():
         return [c.samples async for c in PcmSource(pcm())]
 
     assert np.concatenate(asyncio.run(collect())).tolist() == [0.25, 0.0, 1.0, -1.0, -0.5]
+
+
+def test_the_closing_line_is_never_glued_to_a_progress_bar(monkeypatch):
+    """A signal can land after a bar drew itself and before its closing newline: the one line that says
+    what happened still stands on its own line (the bar's text would otherwise start it)."""
+    import io
+
+    from streaming import cli
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", cli._LineTracker(out))
+    print("\rrender:  40%|####      | 4/10", end="", file=sys.stderr, flush=True)
+    cli._say("interrupted by SIGINT: nothing was written to out.mp4")
+    cli._say("error: a second line starts where the first ended")
+    lines = out.getvalue().splitlines()
+    assert lines[-2:] == ["interrupted by SIGINT: nothing was written to out.mp4",
+                          "error: a second line starts where the first ended"]
