@@ -405,7 +405,7 @@ class AvatarServer:
                 async for chunk in TTSSource(text, voice=self.voice, engine=self.tts):
                     while client.queued_s > MAX_QUEUED_S:     # back-pressure: speech waits, memory stays bounded
                         await asyncio.sleep(0.5)
-                    self._push(client, chunk.samples, 16000)
+                    self._push(client, chunk.samples, 16000, hi=chunk.hi)    # the voice's own 48 kHz
                     client.queue(len(chunk.samples) / 16000)
             except AnitalkerError as e:
                 await self._send(client.ws, {"op": "error", "error": str(e)})

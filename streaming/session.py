@@ -133,18 +133,25 @@ class Session:
         """What made the session fail, or None; set before the sinks close (a file sink then discards)."""
         return self._fatal
 
-    def push(self, samples, rate: int = SAMPLE_RATE, *, live: bool = False, stream=None, tag=None) -> None:
+    def push(self, samples, rate: int = SAMPLE_RATE, *, live: bool = False, stream=None, tag=None,
+             hi=None) -> None:
         """Queue mono audio at any rate. Call it on the loop's thread (other threads: call_soon_threadsafe).
 
         live=True marks realtime input (a microphone): when the engine falls behind, its oldest audio is
         dropped so latency stays bounded; other audio (TTS, whole utterances) is always played in full.
         Each stream (any hashable naming one input) keeps its own resampler, so inputs do not mix state.
-        tag (any hashable): the frames that hold this audio carry it in frame.meta["tags"]."""
+        tag (any hashable): the frames that hold this audio carry it in frame.meta["tags"].
+        hi: the same audio at 48 kHz (3 samples per 16 kHz one, as a source's AudioChunk.hi carries it),
+        for 16 kHz samples already split from a higher rate: the outputs then play it instead of an
+        upsampled copy."""
         x = np.asarray(samples, np.float32).reshape(-1)
         if not np.isfinite(x).all():            # a broken decoder or client: silence, not NaN motion
             x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-        hi = None
-        if rate != SAMPLE_RATE:                 # the models get 16 kHz, the outputs keep 48 kHz of it
+        if hi is not None:
+            if rate != SAMPLE_RATE or len(hi) != 3 * len(x):
+                raise ValueError(f"hi must be 48 kHz beside 16 kHz samples: 3 x {len(x)} samples, got {len(hi)}")
+            hi = np.clip(np.nan_to_num(np.asarray(hi, np.float32).reshape(-1)), -1.0, 1.0)
+        elif rate != SAMPLE_RATE:               # the models get 16 kHz, the outputs keep 48 kHz of it
             x, hi = self._resampler(stream, rate)(x)
             hi = np.clip(hi, -1.0, 1.0)
         x = np.clip(x, -1.0, 1.0)           # a full-scale tone overshoots a little when resampled

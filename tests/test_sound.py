@@ -300,3 +300,38 @@ def test_live_command_keeps_48k_in_its_file(inputs, tiny_checkpoints, tmp_path):
     decoded, frames = check_exact(out, 48000, 1)
     loud = np.flatnonzero(np.abs(decoded[:, 0]) > 0.1)
     assert level(decoded[loud[0] + 4800:loud[0] + 4800 + 24000, 0], 48000, HIGH) > 0.1
+
+
+def test_spoken_text_reaches_the_outputs_at_the_voices_own_rate():
+    """The server's `say`: a voice that speaks at 48 kHz (here a tone with 10 kHz in it) reaches the
+    outputs with its 10 kHz, not the models' 16 kHz upsampled."""
+    import asyncio
+    import json
+
+    from websockets.asyncio.client import connect
+
+    from streaming.server import AvatarServer
+    from streaming.session import Session
+    from streaming.testing import ToneAnimator
+    from streaming.webrtc import WebRTCSink
+
+    async def voice(text, voice=None, speed=None):
+        yield 0.5 * tones(1.0, 48000, (LEFT, HIGH)).sum(1), 48000
+
+    async def main():
+        sink, rec = WebRTCSink(), Recorder()
+        async with Session(ToneAnimator(size=64), [sink, rec]) as session:
+            async with AvatarServer(session, sink, port=0, tts=voice) as server:
+                async with connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
+                    await ws.send(json.dumps({"op": "say", "text": "One."}))
+                    for _ in range(400):
+                        if sum(np.abs(a).max() > 0.1 for a in rec.lo) >= 25:
+                            break
+                        await asyncio.sleep(0.02)
+            await sink.aclose()
+        return rec
+    rec = asyncio.run(main())
+    spoken = [i for i, a in enumerate(rec.lo) if np.abs(a).max() > 0.1]
+    assert len(spoken) >= 25
+    hi = np.concatenate([rec.hi[i] for i in spoken[2:22]])
+    assert level(hi, 48000, HIGH) > 0.15 and level(hi, 48000, LEFT) > 0.15
