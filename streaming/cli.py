@@ -354,7 +354,12 @@ class _LineTracker:
 
 
 def _say(line: str) -> None:
-    """The command's one closing line, on a line of its own."""
+    """The command's one closing line, on a line of its own and last: progress bars still open (a
+    generator's bar that the interrupt left suspended would close later, at garbage collection) are
+    closed first."""
+    from tqdm import tqdm
+    for bar in list(tqdm._instances):
+        bar.close()
     if not sys.stderr.at_line_start:
         print(file=sys.stderr)
     print(line, file=sys.stderr)

@@ -423,6 +423,7 @@ def test_the_closing_line_is_never_glued_to_a_progress_bar(monkeypatch):
     import io
 
     from streaming import cli
+    from tqdm import tqdm
     out = io.StringIO()
     monkeypatch.setattr(sys, "stderr", cli._LineTracker(out))
     print("\rrender:  40%|####      | 4/10", end="", file=sys.stderr, flush=True)
@@ -431,3 +432,10 @@ def test_the_closing_line_is_never_glued_to_a_progress_bar(monkeypatch):
     lines = out.getvalue().splitlines()
     assert lines[-2:] == ["interrupted by SIGINT: nothing was written to out.mp4",
                           "error: a second line starts where the first ended"]
+    # a bar inside a generator the interrupt left suspended: it closes at garbage collection, after the
+    # handler; its last draw must come before the closing line, not after it
+    bar = tqdm(total=10, desc="reenact", file=sys.stderr, mininterval=0)
+    bar.update(4)
+    cli._say("interrupted by SIGTERM: nothing was written to out.mp4")
+    bar.close()
+    assert out.getvalue().splitlines()[-1] == "interrupted by SIGTERM: nothing was written to out.mp4"

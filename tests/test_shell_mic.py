@@ -80,7 +80,9 @@ def test_mic_over_jack_runs_at_device_rate_resampled_to_16k(jack):
     r = run_py(READ_MIC.format(n=16000))
     assert r["rate"] == 48000 and r["samples"] >= 16000
     assert 0.5 < r["seconds"] < 5            # paced by the device: about one second (generous bounds)
-    assert r["overflows"] == 0
+    # counted, and rare: the dummy server runs without realtime priority, so on a loaded machine it can
+    # miss a period (one xrun was seen with the load average at 6); a lost or stuck reader loses many
+    assert r["overflows"] <= 2
 
 
 def test_mic_session_over_jack_keeps_25_fps(jack):
