@@ -139,7 +139,7 @@ class Models:
             self.upsampling = self.speed.upsampling
         self._render = self.stage1.render
         if self.speed.compile:
-            self._render = compile_frozen(self.stage1.render)
+            self._render = _per_frame(compile_frozen(self.stage1.render))
 
     @functools.cached_property
     def _motion(self):
@@ -173,6 +173,20 @@ class Models:
 
 
 STAGE1_ONLY = "stage1_only"     # Models.infer_type when no stage-2 model is loaded
+
+
+def _per_frame(render):
+    """render(wa, alpha, feats) one frame at a time: a compiled renderer (dynamic=False) would compile a
+    graph for every batch size the live engine happens to draw (tens of seconds each, while the picture
+    holds), and at batch 1 its kernels are the frozen constants anyway."""
+    @functools.wraps(render)
+    def call(wa, alpha, feats):
+        if alpha.shape[0] == 1:
+            return render(wa, alpha, feats)
+        one = lambda t, i: t if t.shape[0] == 1 else t[i:i + 1]      # noqa: E731
+        return torch.cat([render(one(wa, i), alpha[i:i + 1], [one(f, i) for f in feats])
+                          for i in range(alpha.shape[0])])
+    return call
 
 
 def compile_frozen(fn):

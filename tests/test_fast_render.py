@@ -78,6 +78,11 @@ def test_frozen_compile_prepacks_the_weights_and_keeps_the_frames():
     ref = m.render(wa, alpha, feats)
     out = models._render(wa, alpha, feats)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+    # a batch is drawn frame by frame through the same batch-1 graph (no compile per batch size)
+    alphas = torch.cat([alpha, alpha0, alpha0 - 0.1])
+    torch._dynamo.utils.counters.clear()
+    torch.testing.assert_close(models._render(wa, alphas, feats), m.render(wa, alphas, feats), rtol=0, atol=1e-4)
+    assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]
     if torch.backends.mkldnn.is_available():
         with torch.profiler.profile() as prof:
             models._render(wa, alpha, feats)
