@@ -176,11 +176,15 @@ STAGE1_ONLY = "stage1_only"     # Models.infer_type when no stage-2 model is loa
 
 
 def _per_frame(render):
-    """render(wa, alpha, feats) one frame at a time: a compiled renderer (dynamic=False) would compile a
+    """render(wa, alpha, feats) one frame at a time, with alpha an inference tensor: a compiled renderer (dynamic=False) would compile a
     graph for every batch size the live engine happens to draw (tens of seconds each, while the picture
     holds), and at batch 1 its kernels are the frozen constants anyway."""
     @functools.wraps(render)
     def call(wa, alpha, feats):
+        if torch.is_inference_mode_enabled() and not alpha.is_inference():
+            # dynamo guards on it: a code made outside inference_mode (the live engine's) recompiled the
+            # graph the start-up probe had compiled, which with freezing took ~20 s while the picture held
+            alpha = alpha.clone()
         if alpha.shape[0] == 1:
             return render(wa, alpha, feats)
         one = lambda t, i: t if t.shape[0] == 1 else t[i:i + 1]      # noqa: E731

@@ -82,6 +82,9 @@ def test_frozen_compile_prepacks_the_weights_and_keeps_the_frames():
     alphas = torch.cat([alpha, alpha0, alpha0 - 0.1])
     torch._dynamo.utils.counters.clear()
     torch.testing.assert_close(models._render(wa, alphas, feats), m.render(wa, alphas, feats), rtol=0, atol=1e-4)
+    with torch.inference_mode(False):
+        plain = alpha.clone()                         # a code made outside inference_mode (the live engine's)
+    models._render(wa, plain, feats)
     assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]
     if torch.backends.mkldnn.is_available():
         with torch.profiler.profile() as prof:
