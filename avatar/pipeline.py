@@ -197,7 +197,7 @@ def compile_frozen(fn):
     """torch.compile(fn) with inductor's freezing: under inference_mode the module's parameters become
     constants, so the weight preparation (bf16 casts, NHWC copies, demodulation norms) is folded away at
     compile time and oneDNN convolutions get pre-packed weights with fused elementwise epilogues (with
-    Stage1.set_constant_kernels: a compiled bf16 frame 0.57x the time of the unfrozen compile, measured
+    Stage1.set_constant_kernels: a compiled bf16 frame 0.61-0.65x the time of the unfrozen compile, measured
     with bench/stages.py). The weights are read at the first call: the compiled function does not see
     later changes to them. Freezing is a global inductor setting that torch.compile's ``options`` does
     not pass on (torch 2.13), so it is switched on around each call, when a (re)compile may happen."""
