@@ -135,6 +135,8 @@ class Models:
 
     def __post_init__(self):
         self.speed = self.speed.resolve(self.device)
+        if hasattr(self.stage1, "set_constant_kernels"):   # stand-in stage-1 models (tests) have none
+            self.stage1.set_constant_kernels(bool(self.speed.compile))
         if self.speed.upsampling == "auto":
             self.upsampling = choose_upsampling(self)      # what the timing chose (may be "mixed")
         else:
@@ -143,12 +145,12 @@ class Models:
             self.upsampling = self.speed.upsampling
         self._render = self.stage1.render
         if self.speed.compile:
-            self._render = torch.compile(self.stage1.render, dynamic=False)
+            self._render = _per_frame(compile_frozen(self.stage1.render))
 
     @functools.cached_property
     def _motion(self):
         """The stage-1 motion encoder of a driving frame (reenactment), compiled like the renderer."""
-        return torch.compile(self.stage1.motion, dynamic=False) if self.speed.compile else self.stage1.motion
+        return compile_frozen(self.stage1.motion) if self.speed.compile else self.stage1.motion
 
     def describe(self) -> str:
         """The mode in use, for the start-up line."""
@@ -177,6 +179,43 @@ class Models:
 
 
 STAGE1_ONLY = "stage1_only"     # Models.infer_type when no stage-2 model is loaded
+
+
+def _per_frame(render):
+    """render(wa, alpha, feats) one frame at a time, with alpha an inference tensor: a compiled renderer (dynamic=False) would compile a
+    graph for every batch size the live engine happens to draw (tens of seconds each, while the picture
+    holds), and at batch 1 its kernels are the frozen constants anyway."""
+    @functools.wraps(render)
+    def call(wa, alpha, feats):
+        if torch.is_inference_mode_enabled() and not alpha.is_inference():
+            # dynamo guards on it: a code made outside inference_mode (the live engine's) recompiled the
+            # graph the start-up probe had compiled, which with freezing took ~20 s while the picture held
+            alpha = alpha.clone()
+        if alpha.shape[0] == 1:
+            return render(wa, alpha, feats)
+        one = lambda t, i: t if t.shape[0] == 1 else t[i:i + 1]      # noqa: E731
+        return torch.cat([render(one(wa, i), alpha[i:i + 1], [one(f, i) for f in feats])
+                          for i in range(alpha.shape[0])])
+    return call
+
+
+def compile_frozen(fn):
+    """torch.compile(fn) with inductor's freezing: under inference_mode the module's parameters become
+    constants, so the weight preparation (bf16 casts, NHWC copies, demodulation norms) is folded away at
+    compile time and oneDNN convolutions get pre-packed weights with fused elementwise epilogues (with
+    Stage1.set_constant_kernels: a compiled bf16 frame 0.61-0.65x the time of the unfrozen compile, measured
+    with bench/stages.py). The weights are read at the first call: the compiled function does not see
+    later changes to them. Freezing is a global inductor setting that torch.compile's ``options`` does
+    not pass on (torch 2.13), so it is switched on around each call, when a (re)compile may happen."""
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(fn, dynamic=False)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with inductor_config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+    return call
 
 
 @torch.inference_mode()

@@ -3,7 +3,9 @@
     python bench/errors.py [--parity tests/fixtures/parity] [--seconds 10] [--frames 8] [--skip-full-hubert]
 
 Modes and what is compared:
-  render    fp32 + subpixel upsampling, bf16 (autocast, bf16 weight copies), bf16 + subpixel: frames against
+  render    fp32 + subpixel upsampling, bf16 (autocast, bf16 weight copies), bf16 + subpixel, the compiled
+            fast mode's forms in fp32 (subpixel, constant kernels) and that mode itself (bf16, frozen
+            compile, what --fast runs where bf16 is native): frames against
             the fp32 frames (and, for the parity weights, against the official fixture frames): max |diff|,
             mean and max grey levels after the demo's uint8 conversion, share of values off by > 4 levels
   motion    bf16 (weights prepared once): the denoiser's eps over the official sampling trajectory
@@ -29,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from avatar.features import StreamingFeatures  # noqa: E402
-from avatar.pipeline import cpu_name  # noqa: E402
+from avatar.pipeline import compile_frozen, cpu_name  # noqa: E402
 from avatar.portrait import asset_path, load_image, prepare_portrait, to_tensor, to_uint8  # noqa: E402
 from bench.offline import HUBERT_LARGE  # noqa: E402
 from bench.stream import speech  # noqa: E402
@@ -58,19 +60,28 @@ def frame_errors(got: torch.Tensor, ref: torch.Tensor) -> dict:
 def render_modes(s1: Stage1, img: torch.Tensor, alphas: torch.Tensor, official=None) -> list[dict]:
     wa, _, feats = s1.encode(img)
 
-    def frames(sub: bool, bf16: bool):
+    frozen = compile_frozen(s1.render)
+
+    def frames(sub: bool, bf16: bool, fast: bool = False):
+        """fast: the compiled mode's forms (constant kernels); with bf16 also its frozen compile."""
         s1.set_upsampling("subpixel" if sub else "transposed")
+        s1.set_constant_kernels(fast)
+        fn = frozen if fast and bf16 else s1.render
         with torch.autocast(**BF16, enabled=bf16):
-            out = torch.cat([s1.render(wa, a[None], feats).float() for a in alphas])
+            out = torch.cat([fn(wa, a[None], feats).float() for a in alphas])
         s1.set_upsampling("transposed")
+        s1.set_constant_kernels(False)
         return out
 
     ref = frames(False, False)
     rows = []
     if official is not None:
         rows.append(dict(mode="fp32 vs official", **frame_errors(ref, official)))
-    for name, sub, bf16 in (("fp32 + subpixel", True, False), ("bf16", False, True), ("bf16 + subpixel", True, True)):
-        got = frames(sub, bf16)
+    for name, sub, bf16, fast in (("fp32 + subpixel", True, False, False), ("bf16", False, True, False),
+                                  ("bf16 + subpixel", True, True, False),
+                                  ("fp32 + subpixel + constant kernels", True, False, True),
+                                  ("bf16 frozen compile (--fast)", True, True, True)):
+        got = frames(sub, bf16, fast)
         rows.append(dict(mode=name, **frame_errors(got, ref)))
         if official is not None:
             rows.append(dict(mode=f"{name} vs official", **frame_errors(got, official)))

@@ -93,8 +93,8 @@ def main() -> None:
     image = to_tensor(prepare_portrait(load_image(asset_path("portrait.jpg"))).image)
 
     ref_speed = parse_mode(modes[0])
-    m = build(Speed())
-    m = with_speed(m, ref_speed)
+    base = build(Speed())       # every mode derives from the fp32 weights (a bf16 reference holds bf16 copies)
+    m = with_speed(base, ref_speed)
     rows = []
     with torch.inference_mode():
         code, t_enc = timed(lambda: encode_portrait(m, image))
@@ -111,7 +111,7 @@ def main() -> None:
     n = min(args.mode_frames, frames)
     for mode in modes[1:]:
         speed = parse_mode(mode)
-        mm = with_speed(m, speed)
+        mm = with_speed(base, speed)
         with torch.inference_mode():
             c = encode_portrait(mm, image)
             _, t_hub2 = timed(lambda: mm.features(wave))

@@ -9,7 +9,9 @@ engine's defaults: audio context 25, lookahead 5, motion context 10, 10 DDIM ste
             "incremental" (the hop and lookahead rows only, attending to cached keys/values)
   motion    one stage-2 DDIM window
   render    one frame x 10: "transposed" (today's renderer) and "subpixel" (the upsampling convs as the
-            equal regular convs); "compile" adds torch.compile of the faster one
+            equal regular convs); "compile" adds torch.compile of the transposed one and "frozen" what
+            --fast compiles: sub-pixel upsampling, constant kernels (Stage1.set_constant_kernels) and
+            inductor's freezing (avatar.pipeline.compile_frozen: weights pre-packed for oneDNN)
 
 with each variant, torch thread count and precision interleaved round by round, so that the ratios hold
 on a shared machine whose load changes (the 1-minute load average is recorded with every round). A
@@ -37,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from avatar.features import StreamingFeatures  # noqa: E402
 from avatar.motion import MotionConfig, MotionStream  # noqa: E402
-from avatar.pipeline import Models, Speed, cpu_name, encode_portrait, native_bf16  # noqa: E402
+from avatar.pipeline import Models, Speed, compile_frozen, cpu_name, encode_portrait, native_bf16  # noqa: E402
 from avatar.portrait import asset_path, load_image, prepare_portrait, to_tensor  # noqa: E402
 from bench.offline import HUBERT_LARGE  # noqa: E402
 from bench.stream import speech  # noqa: E402
@@ -178,6 +180,7 @@ def main() -> None:
         renders = {"transposed": s1.render}
         if args.compile:
             renders["compile"] = torch.compile(s1.render, dynamic=False)
+            renders["frozen"] = compile_frozen(s1.render)
         setups[prec] = dict(models=models, code=code, fwin=fwin, renders=renders,
                             feats={m: FeatureStream(models, wave, m) for m in ("window", "incremental")})
     alpha = setups[precisions[0]]["code"].alpha0 + 0.05
@@ -194,11 +197,13 @@ def main() -> None:
                 for mode, fs in st["feats"].items():
                     rec(("features", mode), fs.hop()[0])
                 rec(("motion", "ddim"), motion_step(m, code, st["fwin"]))
-                for name in ("transposed", "subpixel") + (("compile",) if args.compile else ()):
-                    m.stage1.set_upsampling("subpixel" if name == "subpixel" else "transposed")
-                    fn = st["renders"]["compile" if name == "compile" else "transposed"]
+                for name in ("transposed", "subpixel") + (("compile", "frozen") if args.compile else ()):
+                    m.stage1.set_upsampling("subpixel" if name in ("subpixel", "frozen") else "transposed")
+                    m.stage1.set_constant_kernels(name == "frozen")
+                    fn = st["renders"].get(name, st["renders"]["transposed"])
                     rec(("render", name), render_frame(m, code, fn, alpha))
                 m.stage1.set_upsampling("transposed")
+                m.stage1.set_constant_kernels(False)
         print(f"round {r}: load {loads[-1]:.1f}", flush=True)
 
     rows = []

@@ -229,6 +229,23 @@ def subpixel_kernel(w: Tensor) -> Tensor:
     return k.permute(0, 2, 3, 1, 4, 5).reshape(4 * o, i, 2, 2)
 
 
+def _phase_major(k: Tensor) -> Tensor:
+    """Reorder subpixel_kernel's output channels 4 o + phase (pixel_shuffle's order) to phase O + o."""
+    o4 = k.shape[0]
+    return k.view(o4 // 4, 4, *k.shape[1:]).transpose(0, 1).reshape(k.shape)
+
+
+def _shuffle(y: Tensor) -> Tensor:
+    """pixel_shuffle(y, 2) for phase-major channels (phase O + o): (B, 4 O, H, W) -> (B, O, 2 H, 2 W). In
+    channels_last memory each output pixel's O channels are one contiguous run of the input, so the shuffle
+    is a copy of 2 O-element runs; pixel_shuffle's own order makes it a gather of single elements (it took
+    longer than the conv itself in a compiled bf16 frame)."""
+    b, c, h, w = y.shape
+    o = c // 4
+    t = y.permute(0, 2, 3, 1).reshape(b, h, w, 2, 2, o).transpose(2, 3).reshape(b, 2 * h, 2 * w, o)
+    return t.permute(0, 3, 1, 2)
+
+
 class ModulatedConv2d(nn.Module):
     """Per-sample modulated conv. Official: w' = scale * w * s (per sample), demodulated by
     d = rsqrt(sum w'^2 + 1e-8) per output channel, grouped conv with groups=B. As the style
@@ -249,6 +266,7 @@ class ModulatedConv2d(nn.Module):
             self.blur = Blur(pad=1, gain=4.0)
         self.scale, self.demodulate, self.upsample = 1 / math.sqrt(cin * k * k), demodulate, upsample
         self.subpixel = False
+        self.fold_style = True    # False (Stage1.set_constant_kernels): style and demodulation always scale activations
 
     def _kernel(self, device: torch.device) -> Tensor:
         """(O, I, k, k), or (I, O, k, k) for conv_transpose2d, or (4 O, I, 2, 2) sub-pixel, channels_last
@@ -256,8 +274,9 @@ class ModulatedConv2d(nn.Module):
         Stage1.to(memory_format=channels_last) already made the weight NHWC) instead of letting torch
         reorder up to 9 MB per conv and frame."""
         cl = torch.channels_last
-        if self.subpixel:
-            return _weight(self, "_ws", self.weight, lambda p: subpixel_kernel(p[0]).contiguous(memory_format=cl), device)
+        if self.subpixel:   # phase-major output channels (see _shuffle)
+            return _weight(self, "_ws", self.weight, lambda p: _phase_major(subpixel_kernel(p[0])).contiguous(
+                memory_format=cl), device)
         if self.upsample:
             return _weight(self, "_w", self.weight, lambda p: p[0].transpose(0, 1).contiguous(memory_format=cl), device)
         return _weight(self, "_w", self.weight, lambda p: p[0].contiguous(memory_format=cl), device)
@@ -267,8 +286,7 @@ class ModulatedConv2d(nn.Module):
         if not self.subpixel:
             return self.blur(F.conv_transpose2d(x, w, stride=2), bias)
         h, wd = x.shape[-2:]
-        y = F.pixel_shuffle(F.conv2d(x, w, padding=1), 2)[..., :2 * h + 1, :2 * wd + 1]
-        return self.blur(y, bias)
+        return self.blur(_shuffle(F.conv2d(x, w, padding=1))[..., :2 * h + 1, :2 * wd + 1], bias)
 
     def forward(self, x: Tensor, style: Tensor, bias: Tensor | None = None, gain: float = 1.0) -> Tensor:
         """x (B|1, I, H, W), style (B, S), bias (1, O, 1, 1) -> gain * modconv(x) + bias (B, O, H', W')."""
@@ -281,10 +299,10 @@ class ModulatedConv2d(nn.Module):
             wsq = _memo(self, "_wsq", self.weight, lambda p: p[0].float().square().sum((2, 3)).t())  # (I, O)
             d = torch.rsqrt(s.square() @ wsq.to(s.dtype) + 1e-8) * gain                          # (B, O)
         w, pad = self._kernel(x.device), self.weight.shape[-1] // 2
-        if s.shape[0] == 1 and x.shape[0] == 1 and w.numel() < x.numel():
+        if self.fold_style and s.shape[0] == 1 and x.shape[0] == 1 and w.numel() < x.numel():
             if self.upsample:
                 sd = (s.view(-1, 1, 1, 1) * d.view(1, -1, 1, 1)) if not self.subpixel else \
-                    (d.view(-1, 1, 1, 1).repeat_interleave(4, 0) * s.view(1, -1, 1, 1))
+                    (d.view(-1, 1, 1, 1).repeat(4, 1, 1, 1) * s.view(1, -1, 1, 1))
                 return self._up(x, w * sd, bias)
             w = w * (d.view(-1, 1, 1, 1) * s.view(1, -1, 1, 1))
             return F.conv2d(x, w, None if bias is None else bias.reshape(-1), padding=pad)
@@ -565,6 +583,17 @@ class Stage1(nn.Module):
         ups = self.upsampling_layers()
         for i in range(len(ups)) if layers is None else layers:
             ups[i].subpixel = mode == "subpixel"
+
+    def set_constant_kernels(self, on: bool) -> None:
+        """With ``on``, every modulated conv applies its style and demodulation to the activations (as it
+        does for a batch of frames), never to a per-frame copy of its kernel, so the kernels stay constants.
+        A frozen torch.compile (avatar.pipeline.compile_frozen) can then reorder them once into oneDNN's
+        blocked layout and fuse the scalings into the neighbouring elementwise kernels; folded into the
+        kernel at batch 1 (the default, faster uncompiled) they are reordered on every frame. The same sums
+        either way, up to float rounding (tests/test_stage1.py)."""
+        for m in self.modules():
+            if isinstance(m, ModulatedConv2d):
+                m.fold_style = not on
 
     def upsampling_layers(self) -> list[ModulatedConv2d]:
         """The decoder's upsampling modulated convs, coarse to fine."""

@@ -1,0 +1,96 @@
+"""The compiled fast renderer's rewrites (models/stage1.py, avatar/pipeline.compile_frozen): each computes the
+official sums, so in float32 it renders the official frames up to rounding. Timing is in bench/stages.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from avatar.pipeline import Models, Speed, compile_frozen
+from models import stage1 as s1
+from models.stage1 import Stage1
+
+from test_stage1 import portrait, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_phase_major_shuffle_is_pixel_shuffle(channels_last):
+    """A pure permutation of the same numbers: bitwise equal to pixel_shuffle of subpixel_kernel's order."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 4 * 5, 7, 9, generator=g)            # pixel_shuffle's order: channel 4 o + phase
+    pm = y.view(2, 5, 4, 7, 9).transpose(1, 2).reshape(2, 20, 7, 9)    # phase-major: phase O + o
+    if channels_last:
+        pm = pm.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(s1._shuffle(pm), F.pixel_shuffle(y, 2))
+    w = torch.randn(5, 3, 3, 3, generator=g)
+    k = s1.subpixel_kernel(w)
+    assert torch.equal(s1._phase_major(k), k.view(5, 4, 3, 2, 2).transpose(0, 1).reshape(20, 3, 2, 2))
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("upsampling", ["transposed", "subpixel"])
+def test_constant_kernels_render_the_same_frames(upsampling):
+    """Style and demodulation on the activations instead of folded into a per-frame kernel: the same
+    products in another order (float32 rounding only)."""
+    m = tiny()
+    m.set_upsampling(upsampling)
+    wa, alpha0, feats = m.encode(portrait())
+    alpha = alpha0 + 0.1
+    ref = m.render(wa, alpha, feats)
+    m.set_constant_kernels(True)
+    assert not any(c.fold_style for c in m.modules() if isinstance(c, s1.ModulatedConv2d))
+    torch.testing.assert_close(m.render(wa, alpha, feats), ref, rtol=0, atol=1e-4)
+    m.set_constant_kernels(False)
+    assert torch.equal(m.render(wa, alpha, feats), ref)
+
+
+@torch.inference_mode()
+def test_constant_kernels_keep_full_size_parity():
+    """Parity case A's official frame, rendered as the fast mode computes it (sub-pixel upsampling, constant
+    kernels) in float32: within the parity test's tolerance and equal to the default frame up to rounding."""
+    from parity_fixtures import CASE_A, load, state_dict
+    m = Stage1()
+    m.load_state_dict(state_dict(CASE_A, "manifest_stage1.json"), strict=True)
+    m.eval()
+    a = load(CASE_A, "stage1.npz")
+    wa, _, feats = m.encode(torch.from_numpy(a["image_in"]))
+    alpha = torch.from_numpy(a["alphas"][:1])
+    ref = m.render(wa, alpha, feats)
+    m.set_upsampling("subpixel")
+    m.set_constant_kernels(True)
+    frame = m.render(wa, alpha, feats)
+    assert (frame.numpy() - a["frames"][:1]).__abs__().max() < 2e-3
+    assert (frame - ref).abs().max() < 1e-3
+
+
+@torch.inference_mode()
+def test_frozen_compile_prepacks_the_weights_and_keeps_the_frames():
+    """compile_frozen really freezes (torch.compile's options would silently not): the convolutions run as
+    oneDNN's pre-packed pointwise-fused ops, and float32 frames equal the eager ones up to rounding. The
+    compiled mode of Models turns constant kernels on."""
+    m = tiny()
+    models = Models(m, None, None, torch.device("cpu"), Speed(compile=True, upsampling="subpixel"))
+    assert not any(c.fold_style for c in m.modules() if isinstance(c, s1.ModulatedConv2d))
+    wa, alpha0, feats = m.encode(portrait())
+    alpha = alpha0 + 0.1
+    ref = m.render(wa, alpha, feats)
+    out = models._render(wa, alpha, feats)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+    # a batch is drawn frame by frame through the same batch-1 graph (no compile per batch size)
+    alphas = torch.cat([alpha, alpha0, alpha0 - 0.1])
+    torch._dynamo.utils.counters.clear()
+    torch.testing.assert_close(models._render(wa, alphas, feats), m.render(wa, alphas, feats), rtol=0, atol=1e-4)
+    with torch.inference_mode(False):
+        plain = alpha.clone()                         # a code made outside inference_mode (the live engine's)
+    models._render(wa, plain, feats)
+    assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    if torch.backends.mkldnn.is_available():
+        with torch.profiler.profile() as prof:
+            models._render(wa, alpha, feats)
+        ops = {e.key for e in prof.key_averages()}
+        assert "mkldnn::_convolution_pointwise" in ops, sorted(o for o in ops if "conv" in o)
+    assert Models(m, None, None, torch.device("cpu")).stage1 is m
+    assert all(c.fold_style for c in m.modules() if isinstance(c, s1.ModulatedConv2d))   # eager: folded again
+    assert compile_frozen(m.render).__wrapped__ == m.render
