@@ -228,6 +228,7 @@ async def user(session, server, speech, rng, minutes: float, log: dict):
     """The scripted user: idle, speak (like a microphone), interrupt, change controls, and a WebSocket
     client and a WebRTC viewer that come and go."""
     from aiortc import RTCPeerConnection, RTCSessionDescription
+    from aiortc.contrib.media import MediaBlackhole
     from websockets.asyncio.client import connect
 
     from avatar.pipeline import Controls
@@ -260,14 +261,17 @@ async def user(session, server, speech, rng, minutes: float, log: dict):
                 await ws.close()
             log["clients"] += 1
         if rng.random() < 0.3:                                          # a WebRTC viewer joins and leaves
-            pc = RTCPeerConnection()
-            pc.addTransceiver("video", direction="recvonly")
+            pc, played = RTCPeerConnection(), MediaBlackhole()
+            pc.on("track", played.addTrack)        # it plays what it gets, as a browser does: aiortc
+            pc.addTransceiver("video", direction="recvonly")    # keeps every decoded frame nobody reads
             pc.addTransceiver("audio", direction="recvonly")
             await pc.setLocalDescription(await pc.createOffer())
             _, answer = await server.sink.connect(pc.localDescription.sdp)
             await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+            await played.start()
             await asyncio.sleep(float(rng.uniform(2, 6)))
             await pc.close()
+            await played.stop()
             log["viewers"] += 1
 
 
