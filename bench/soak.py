@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import sys
 import time
@@ -179,6 +178,25 @@ def utterances(n: int = 6) -> list[np.ndarray]:
     return out
 
 
+class ClickLog:
+    """SpeakerSink.log for a long run: the click onsets of what the device played (avsync.played_clicks'
+    rule: a sample above 0.2 after 100 ms of quiet, at its block's DAC time), found as blocks arrive. A log
+    of every block played grew the process by ~12 MB a minute, which the RSS column then counted."""
+
+    def __init__(self, speaker):
+        self.speaker, self.clicks, self.n, self.last = speaker, [], 0, None
+
+    def append(self, entry):
+        t, block = entry
+        rate = self.speaker.rate
+        loud = self.n + np.flatnonzero(np.abs(block) > 0.2)
+        if len(loud):
+            gaps = np.diff(loud, prepend=loud[0] - rate if self.last is None else self.last)
+            self.clicks += [t + (i - self.n) / rate for i in loud[gaps > int(0.1 * rate)]]
+            self.last = int(loud[-1])
+        self.n += len(block)
+
+
 class Minutes:
     """Per-minute figures from the released frames."""
 
@@ -210,6 +228,7 @@ async def user(session, server, speech, rng, minutes: float, log: dict):
     """The scripted user: idle, speak (like a microphone), interrupt, change controls, and a WebSocket
     client and a WebRTC viewer that come and go."""
     from aiortc import RTCPeerConnection, RTCSessionDescription
+    from aiortc.contrib.media import MediaBlackhole
     from websockets.asyncio.client import connect
 
     from avatar.pipeline import Controls
@@ -242,14 +261,17 @@ async def user(session, server, speech, rng, minutes: float, log: dict):
                 await ws.close()
             log["clients"] += 1
         if rng.random() < 0.3:                                          # a WebRTC viewer joins and leaves
-            pc = RTCPeerConnection()
-            pc.addTransceiver("video", direction="recvonly")
+            pc, played = RTCPeerConnection(), MediaBlackhole()
+            pc.on("track", played.addTrack)        # it plays what it gets, as a browser does: aiortc
+            pc.addTransceiver("video", direction="recvonly")    # keeps every decoded frame nobody reads
             pc.addTransceiver("audio", direction="recvonly")
             await pc.setLocalDescription(await pc.createOffer())
             _, answer = await server.sink.connect(pc.localDescription.sdp)
             await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+            await played.start()
             await asyncio.sleep(float(rng.uniform(2, 6)))
             await pc.close()
+            await played.stop()
             log["viewers"] += 1
 
 
@@ -261,18 +283,20 @@ async def soak_real(minutes: float, out_dir: Path, seed: int = 0):
     from avatar.portrait import asset_path, load_image, prepare_portrait, to_tensor
     from streaming.server import AvatarServer
     from streaming.sinks import FileSink, SpeakerSink, VirtualCamSink
-    from streaming.testing import FakeOutputStream, Marked
+    from streaming.testing import FakeOutputStream, Marked, is_flash
     from streaming.webrtc import WebRTCSink
 
     class StampedCam:
-        sent = []
+        flashes, before = [], False
 
         def __init__(self, *, width, height, **kw):
             self.shape = (height, width, 3)
 
         def send(self, frame):                     # flattened by pyvirtualcam; the corner is all we need
-            image = frame.reshape(self.shape)
-            StampedCam.sent.append((time.monotonic(), image[:self.shape[0] // 8, :self.shape[1] // 8].copy()))
+            flash = is_flash(frame.reshape(self.shape))
+            if flash and not StampedCam.before:    # flash_times' rule as frames come: no per-frame record
+                StampedCam.flashes.append(time.monotonic())
+            StampedCam.before = flash
 
         def close(self): pass
 
@@ -288,7 +312,7 @@ async def soak_real(minutes: float, out_dir: Path, seed: int = 0):
     clock = RealTime()
     device = FakeOutputStream(clock, skew=0.001)
     speaker = SpeakerSink(stream_factory=device, now=clock.now)
-    speaker.log = collections.deque(maxlen=int(60 * minutes * 100) + 1000)
+    speaker.log = ClickLog(speaker)
     cam = VirtualCamSink(backend="stamped")
     cam.sync_with = speaker
     mp4 = out_dir / "soak_real.mp4"
@@ -310,7 +334,7 @@ async def soak_real(minutes: float, out_dir: Path, seed: int = 0):
     rss_growth = round(rss_mb() - rss0, 1)
     from streaming import avsync
     file_offsets = avsync.mp4_offsets(mp4)
-    dev = avsync.device_offsets(StampedCam.sent, list(speaker.log), speaker.rate)
+    dev = avsync.av_offsets(StampedCam.flashes, speaker.log.clicks)
     return dict(minutes=minutes, wall_s=round(time.perf_counter() - wall, 1), rows=minutes_log.rows,
                 summary=summary, events=log, rss_growth_mb=rss_growth,
                 av_file=avsync.summary(file_offsets), av_vcam_speaker=avsync.summary(dev[1:]),

@@ -177,7 +177,8 @@ class WebRTCSink:
         try:
             # transceivers made before the offer is applied take its m-lines, codec preferences included
             video = pc.addTransceiver(viewer.video, direction="sendonly" if on_video is None else "sendrecv")
-            pc.addTransceiver(viewer.audio, direction="sendrecv")      # recv: the browser's microphone
+            # recv only with a taker: aiortc queues what a peer sends until it is read, without bound
+            pc.addTransceiver(viewer.audio, direction="sendonly" if on_audio is None else "sendrecv")
             if self.options.codec:
                 mime = "video/" + self.options.codec
                 caps = RTCRtpSender.getCapabilities("video").codecs

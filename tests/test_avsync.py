@@ -120,3 +120,23 @@ def test_webrtc_as_headless_chromium_renders_it(tmp_path):
     s = avsync.summary(avsync.page_offsets(late))
     print("webrtc in chromium, last third:", s)
     assert s["n"] >= 5 and abs(s["median_ms"]) <= 80, (s, report)
+
+
+def test_soak_click_log_finds_the_clicks_played_clicks_finds():
+    """bench/soak.py keeps only click onsets as the speaker plays (a whole-run log grew it ~12 MB a
+    minute): the same onsets as avsync.played_clicks on the full log, also with loud speech between."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.soak import ClickLog
+    clock = FakeTime()
+    speaker, _ = vcam_and_speaker(clock, FakeOutputStream(clock, skew=0.001), 20.0)
+    rng = np.random.default_rng(0)
+    speech = [(t, b + (rng.uniform(-0.6, 0.6, len(b)).astype(np.float32) if i % 70 < 30 else 0))
+              for i, (t, b) in enumerate(speaker.log)]         # 300 ms of speech every 700 ms
+    for log in (speaker.log, speech):
+        clicks = ClickLog(speaker)
+        for entry in log:
+            clicks.append(entry)
+        assert len(clicks.clicks) >= (18 if log is speaker.log else 5)
+        assert clicks.clicks == avsync.played_clicks(log, speaker.rate)

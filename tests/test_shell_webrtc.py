@@ -134,3 +134,40 @@ def test_ice_server_urls():
     assert (turn.urls, turn.username, turn.credential) == ("turn:turn.example.org:3478?transport=tcp", "me", "p@ss:w")
     with pytest.raises(Exception, match="bad ICE server"):
         ice_servers(["http://example.org"])
+
+
+def test_peer_audio_nobody_takes_is_not_kept():
+    """A peer that sends its microphone to a sink connected without on_audio: aiortc would queue every
+    decoded frame of it for a reader that never comes (50 a second, for the viewer's whole stay)."""
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+    from aiortc.mediastreams import AudioStreamTrack
+
+    async def main():
+        sink = WebRTCSink()
+        async with Session(MarkedAnimator(size=64), [sink]):
+            pc = RTCPeerConnection()
+            got = []
+
+            async def pull(track):
+                from aiortc.mediastreams import MediaStreamError
+                try:
+                    while True:
+                        got.append(await track.recv())
+                except MediaStreamError:          # the connection closed
+                    pass
+
+            pc.on("track", lambda t: asyncio.ensure_future(pull(t)) if t.kind == "audio" else None)
+            pc.addTransceiver("video", direction="recvonly")
+            pc.addTransceiver(AudioStreamTrack(), direction="sendrecv")     # a microphone (silence)
+            await pc.setLocalDescription(await pc.createOffer())
+            server_pc, answer = await sink.connect(pc.localDescription.sdp)
+            await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+            for _ in range(300):                     # 2 s of the session's audio has arrived
+                if len(got) >= 100:
+                    break
+                await asyncio.sleep(0.1)
+            assert len(got) >= 100
+            kept = [r.track._queue.qsize() for r in server_pc.getReceivers() if r.track is not None]
+            await pc.close()
+            assert sum(kept) == 0, kept
+    asyncio.run(main())
