@@ -326,3 +326,14 @@ def stand_in_room(identity: str = "agent"):
             return True
 
     return Room()
+
+
+async def ws_status(uri: str, **kw) -> int:
+    """The HTTP status a WebSocket handshake with the server gets: 101 when it is accepted."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+    try:
+        async with connect(uri, **kw):
+            return 101
+    except InvalidStatus as e:
+        return e.response.status_code

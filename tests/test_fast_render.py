@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from avatar.pipeline import Models, Speed, compile_frozen
 from models import stage1 as s1
-from models.stage1 import Stage1
 
 from test_stage1 import portrait, tiny
 
@@ -47,24 +46,6 @@ def test_constant_kernels_render_the_same_frames(upsampling):
 
 
 @torch.inference_mode()
-def test_constant_kernels_keep_full_size_parity():
-    """Parity case A's official frame, rendered as the fast mode computes it (sub-pixel upsampling, constant
-    kernels) in float32: within the parity test's tolerance and equal to the default frame up to rounding."""
-    from parity_fixtures import CASE_A, load, state_dict
-    m = Stage1()
-    m.load_state_dict(state_dict(CASE_A, "manifest_stage1.json"), strict=True)
-    m.eval()
-    a = load(CASE_A, "stage1.npz")
-    wa, _, feats = m.encode(torch.from_numpy(a["image_in"]))
-    alpha = torch.from_numpy(a["alphas"][:1])
-    ref = m.render(wa, alpha, feats)
-    m.set_upsampling("subpixel")
-    m.set_constant_kernels(True)
-    frame = m.render(wa, alpha, feats)
-    assert (frame.numpy() - a["frames"][:1]).__abs__().max() < 2e-3
-    assert (frame - ref).abs().max() < 1e-3
-
-
 @torch.inference_mode()
 def test_frozen_compile_prepacks_the_weights_and_keeps_the_frames():
     """compile_frozen really freezes (torch.compile's options would silently not): the convolutions run as

@@ -265,15 +265,7 @@ def raw_http(port: int, request: bytes) -> bytes:
 
 
 def test_the_http_side_refuses_rebinding_other_methods_and_doubled_hosts():
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import InvalidStatus
-
-    async def status_of(uri, **kw):
-        try:
-            async with connect(uri, **kw):
-                return 101
-        except InvalidStatus as e:
-            return e.response.status_code
+    from streaming.testing import ws_status as status_of
 
     async def go(server, pool):
         port = server.port

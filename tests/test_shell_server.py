@@ -144,17 +144,11 @@ def test_a_control_the_model_lacks_is_refused_and_the_server_goes_on(tiny_checkp
 
 def test_guards():
     from websockets.asyncio.client import connect
-    from websockets.exceptions import InvalidStatus
+
+    from streaming.testing import ws_status as status_of
     with pytest.raises(AnitalkerError, match="token"):
         check_bind("0.0.0.0", None)
     assert check_bind("0.0.0.0", "s3cret") == "s3cret"
-
-    async def status_of(url, **kw):
-        try:
-            async with connect(url, **kw):
-                return 101
-        except InvalidStatus as e:
-            return e.response.status_code
 
     async def go(server, session):
         base = f"127.0.0.1:{server.port}"

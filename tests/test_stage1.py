@@ -230,8 +230,9 @@ def test_subpixel_upsampling_renders_the_same_frames():
 
 @torch.inference_mode()
 def test_subpixel_upsampling_keeps_full_size_parity():
-    """The official frames of parity case A, rendered with every upsampling conv as a sub-pixel conv,
-    within the parity test's tolerance, and equal to the transposed-conv frame to float32 rounding."""
+    """The official frames of parity case A, rendered with every upsampling conv as a sub-pixel conv, then
+    also with constant kernels (the fast mode's form), within the parity test's tolerance, and equal to the
+    transposed-conv frame to float32 rounding."""
     from parity_fixtures import CASE_A, load, state_dict
     m = Stage1()
     m.load_state_dict(state_dict(CASE_A, "manifest_stage1.json"), strict=True)
