@@ -46,7 +46,6 @@ def test_constant_kernels_render_the_same_frames(upsampling):
 
 
 @torch.inference_mode()
-@torch.inference_mode()
 def test_frozen_compile_prepacks_the_weights_and_keeps_the_frames():
     """compile_frozen really freezes (torch.compile's options would silently not): the convolutions run as
     oneDNN's pre-packed pointwise-fused ops, and float32 frames equal the eager ones up to rounding. The
