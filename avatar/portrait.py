@@ -52,7 +52,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         with Image.open(path) as img:
             img.load()                            # decode now so truncated files fail here
             img = ImageOps.exif_transpose(img)    # phone photos are stored sideways + a tag
-            rgb = _to_rgb(img)
+            rgb = to_rgb(img)
     except FileNotFoundError:
         raise AnitalkerError(f"portrait {path} not found; check the path") from None
     except UnidentifiedImageError:
@@ -68,7 +68,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     return rgb
 
 
-def _to_rgb(img: Image.Image) -> np.ndarray:
+def to_rgb(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode == "P" or mode == "PA":
         # A palette may carry transparency; expand it so the alpha branch below sees it.

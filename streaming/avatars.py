@@ -26,14 +26,13 @@ from models.errors import AnitalkerError
 log = logging.getLogger(__name__)
 PORTRAIT_FORMATS = ("JPEG", "PNG", "WEBP")
 MAX_PORTRAIT_SIDE = 2048        # the page sends 512; a larger one only costs decoding time
-MIN_PORTRAIT_SIDE = 64          # as avatar/portrait.py: smaller photos carry too little detail
 
 
 def decode_portrait(data: str) -> np.ndarray:
     """Base64 JPEG / PNG / WebP -> uint8 (H, W, 3) RGB, upright; AnitalkerError with the reason if not."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    from avatar.portrait import _to_rgb
+    from avatar.portrait import MIN_SIDE, to_rgb
     if not isinstance(data, str) or not data:
         raise AnitalkerError('portrait needs "image": a base64 JPEG or PNG')
     try:
@@ -45,11 +44,11 @@ def decode_portrait(data: str) -> np.ndarray:
             if img.format not in PORTRAIT_FORMATS:
                 raise AnitalkerError(f"portrait must be JPEG, PNG or WebP, not {img.format}")
             w, h = img.size                         # from the header: checked before any pixel is decoded
-            if max(w, h) > MAX_PORTRAIT_SIDE or min(w, h) < MIN_PORTRAIT_SIDE:
-                raise AnitalkerError(f"portrait is {w}x{h} pixels; send {MIN_PORTRAIT_SIDE} to "
+            if max(w, h) > MAX_PORTRAIT_SIDE or min(w, h) < MIN_SIDE:
+                raise AnitalkerError(f"portrait is {w}x{h} pixels; send {MIN_SIDE} to "
                                      f"{MAX_PORTRAIT_SIDE} px on each side (the page sends 512)")
             img.load()
-            return _to_rgb(ImageOps.exif_transpose(img))
+            return to_rgb(ImageOps.exif_transpose(img))
     except UnidentifiedImageError:
         raise AnitalkerError("portrait is not an image; send a JPEG or PNG photo") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

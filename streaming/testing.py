@@ -5,6 +5,7 @@ samples it was given, so tests can check A/V pairing, continuity and counts on r
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -337,3 +338,13 @@ async def ws_status(uri: str, **kw) -> int:
             return 101
     except InvalidStatus as e:
         return e.response.status_code
+
+
+async def until(check, timeout: float, every: float = 0.05) -> bool:
+    """Poll check() every ``every`` seconds: True once it is true, False when ``timeout`` seconds pass first."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(every)
+    return True

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ pytest.importorskip("websockets")
 
 from streaming.avatars import AvatarPool  # noqa: E402
 from streaming.server import MAX_QUEUED_S, MAX_TEXTS, AvatarServer  # noqa: E402
-from streaming.testing import PortraitAnimator  # noqa: E402
+from streaming.testing import PortraitAnimator, until  # noqa: E402
 from streaming.worker import EngineWorker  # noqa: E402
 
 RED, BLUE = (220, 30, 30), (30, 30, 220)
@@ -55,15 +57,6 @@ async def reply(ws, skip=("metrics",)) -> dict:
 def mine(server, ws):
     """The server's side of the client connected as ws."""
     return next(c for c in server.clients if c.ws.remote_address == ws.local_address)
-
-
-async def until(check, timeout: float) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
 
 
 async def next_frame(session):
@@ -454,6 +447,33 @@ def test_memory_stays_bounded_under_floods_of_audio_and_texts():
     pooled(go, timeout=240)
 
 
+@contextlib.contextmanager
+def serving(argv, err: Path, wait: float, env=None):
+    """`anitalker live --serve ...` as a user starts it, on a free port: yields (process, port) once it says
+    where it listens; killed if the test left it running."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(err, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "streaming.cli", "live", "--serve", "--port", str(port),
+                                 *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f, env=env)
+    try:
+        deadline = time.monotonic() + wait
+        while "open http://" not in err.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
+            time.sleep(0.1)
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_the_command_serves_a_session_per_client_up_to_max_sessions(tmp_path):
     """`anitalker live --serve --test-pattern --max-sessions 1`: one client gets an avatar, the next is
     refused with the reason; SIGINT ends it with 130 and how many sessions it served."""
@@ -466,22 +486,12 @@ def test_the_command_serves_a_session_per_client_up_to_max_sessions(tmp_path):
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     bad = subprocess.run([sys.executable, "-m", "streaming.cli", "live", "--serve", "--test-pattern",
-                          "--max-sessions", "0", "--port", str(port)], cwd=ROOT, capture_output=True, text=True)
+                          "--max-sessions", "0", "--port", "1"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip() == "error: --max-sessions must be at least 1, got 0"
     err = tmp_path / "stderr.txt"
-    with open(err, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "streaming.cli", "live", "--serve", "--test-pattern",
-                                 "--max-sessions", "1", "--port", str(port), "--metrics-every", "0.5"],
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f)
-    try:
+    with serving(["--test-pattern", "--max-sessions", "1", "--metrics-every", "0.5"], err, 60) as (proc, port):
         deadline = time.monotonic() + 60
-        while "open http://" not in err.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
-            time.sleep(0.1)
         with connect(f"ws://127.0.0.1:{port}/ws") as ws:
             config = json.loads(ws.recv())
             assert config["own"] and not config["portrait"]        # the test pattern wears no portrait
@@ -495,9 +505,6 @@ def test_the_command_serves_a_session_per_client_up_to_max_sessions(tmp_path):
                 time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     text = err.read_text()
     assert proc.returncode == 130 and "Traceback" not in text, text
     lines = text.strip().splitlines()
@@ -509,33 +516,18 @@ def test_the_command_with_the_real_engine_gives_a_client_its_own_portrait(tmp_pa
     its avatar, a photo without a face is that client's error line."""
     import os
     import signal
-    import subprocess
-    import sys
-    import time
 
     from PIL import Image
     from websockets.sync.client import connect
 
     from avatar.portrait import asset_path
-    from conftest import ROOT
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    err = tmp_path / "stderr.txt"
-    with open(err, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "streaming.cli", "live", "--serve", "--port", str(port),
-                                 "--checkpoints", str(tiny_checkpoints), "--device", "cpu", "--steps", "5",
-                                 "--hop", "5", "--lookahead", "2", "--context", "5"],
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     buf = io.BytesIO()
     Image.open(asset_path("portrait.jpg")).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(buf, "JPEG")
-    try:
-        deadline = time.monotonic() + 120
-        while "open http://" not in err.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
-            time.sleep(0.1)
+    err = tmp_path / "stderr.txt"
+    with serving(["--checkpoints", str(tiny_checkpoints), "--device", "cpu", "--steps", "5", "--hop", "5",
+                  "--lookahead", "2", "--context", "5"], err, 120,
+                 env={**os.environ, "OMP_NUM_THREADS": "1"}) as (proc, port):
         with connect(f"ws://127.0.0.1:{port}/ws") as ws:
             assert json.loads(ws.recv())["portrait"]
             ws.send(json.dumps({"op": "portrait", "image": photo(RED, size=(200, 200))}))
@@ -551,9 +543,6 @@ def test_the_command_with_the_real_engine_gives_a_client_its_own_portrait(tmp_pa
             assert msg["sessions"] == 1 and msg["errors"] == 0, msg
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     text = err.read_text()
     assert proc.returncode == 130 and "Traceback" not in text, text
     assert text.count("speed: ") == 1                         # the models were loaded and measured once

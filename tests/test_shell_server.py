@@ -16,7 +16,7 @@ pytest.importorskip("websockets")
 from models.errors import AnitalkerError  # noqa: E402
 from streaming.server import AvatarServer, check_bind  # noqa: E402
 from streaming.session import Session  # noqa: E402
-from streaming.testing import ToneAnimator, chromium  # noqa: E402,F401
+from streaming.testing import ToneAnimator, chromium, until  # noqa: E402,F401
 from streaming.webrtc import WebRTCSink  # noqa: E402
 
 
@@ -171,16 +171,6 @@ def count_pushes(server) -> list:
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt install chromium)")
-
-
-async def until(check, timeout: float) -> bool:
-    """Poll check() every 0.1 s until it is true or timeout seconds have passed; its last answer."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            return False
-        await asyncio.sleep(0.1)
-    return True
 
 
 def page_stats(server) -> dict:
