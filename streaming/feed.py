@@ -205,6 +205,8 @@ class Feed:
             quiet = self.time.now() - self._last_arrival > JITTER_FRAMES / FPS
         if quiet and budget >= SAMPLES_PER_FRAME:
             n = budget // SAMPLES_PER_FRAME * SAMPLES_PER_FRAME
+            # silence is silence at 48 kHz too: the frame that ends an utterance keeps its 48 kHz speech
+            self.his.append((self.fed, np.zeros(n, np.float32), np.zeros(3 * n, np.float32)))
             jobs.append(("push", self._chunk(np.zeros(n, np.float32), idle=True)))
         return jobs
 

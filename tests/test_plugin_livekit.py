@@ -75,10 +75,11 @@ def pairs(items):
 
 @pytest.mark.parametrize("delay", [0.0, 0.3])
 def test_runner_plays_speech_paired_and_reports_where_it_ended(delay):
-    """16 kHz speech in 20 ms frames: each speaking video frame is followed by exactly its own 640 samples,
-    the audio is complete and in order, and playback_finished reports the segment's duration (rounded up
-    to whole frames) once it has been shown. delay=0.3 s per 5 frames: an engine slower than real time."""
-    speech = ramp(16000 * 2 + 300)          # 2.02 s: the last frame is partly padding
+    """48 kHz speech in 20 ms frames: each speaking video frame is followed by exactly its own 1,920
+    samples at 48 kHz, the TTS's own (bit for bit, complete and in order, not the models' 16 kHz), and
+    playback_finished reports the segment's duration (rounded up to whole frames) once it has been shown.
+    delay=0.3 s per 5 frames: an engine slower than real time."""
+    speech = ramp(48000 * 2 + 900)          # 2.02 s: the last frame is partly padding
 
     async def main():
         video = AvatarVideo(ToneAnimator(delay=delay, hop=5 if delay else 1))
@@ -86,7 +87,7 @@ def test_runner_plays_speech_paired_and_reports_where_it_ended(delay):
         while len(rec.items) < 5:           # idle first: video without audio
             await asyncio.sleep(0.01)
         idle_items = len(rec.items)
-        await tts(output, speech, 16000)
+        await tts(output, speech, 48000)
         ev = await asyncio.wait_for(finished.get(), 30)
         items = list(rec.items)
         await asyncio.sleep(0.2)            # idle again
@@ -101,22 +102,22 @@ def test_runner_plays_speech_paired_and_reports_where_it_ended(delay):
     assert idle_items >= 3 and not any(isinstance(f, rtc.AudioFrame) for f in items[:idle_items])
     assert not any(isinstance(f, rtc.AudioFrame) for f in after) and len(after) >= 2
     played = [(pts, a) for pts, a in pairs(items) if a is not None]
-    frames = -(-len(speech) // 640)
+    frames = -(-len(speech) // 1920)
     assert len(played) == frames
-    assert all(a.sample_rate == 16000 and a.samples_per_channel == 640 for _, a in played)
+    assert all(a.sample_rate == 48000 and a.samples_per_channel == 1920 for _, a in played)
     audio = np.concatenate([np.frombuffer(a.data, np.int16) for _, a in played])
     assert np.array_equal(audio[:len(speech)], speech) and not audio[len(speech):].any()
     first = played[0][0]                    # frame p shows the engine frame that holds speech[640(p-first):]
     assert [pts for pts, _ in played] == list(range(first, first + frames))
     assert not ev.interrupted and ev.playback_position == pytest.approx(frames * 0.04)
-    assert 0 <= ev.playback_position - len(speech) / 16000 < 0.04
+    assert 0 <= ev.playback_position - len(speech) / 48000 < 0.04
     if delay:
         assert summary["repeats"] > 0       # the clock held the picture while the engine caught up
 
 
 def test_any_rate_and_channels_play_in_full():
-    """48 kHz stereo and 24 kHz TTS audio: resampled on the way in, played in full at 16 kHz, and each
-    segment reported with its own duration."""
+    """48 kHz stereo and 24 kHz TTS audio: mixed down and resampled once on the way in, played in full at
+    48 kHz, and each segment reported with its own duration."""
     async def main():
         video = AvatarVideo(ToneAnimator())
         room, output, runner, rec, finished = await start_runner(video)
@@ -138,8 +139,11 @@ def test_any_rate_and_channels_play_in_full():
     ev1, n1, ev2, n2, speech = asyncio.run(main())
     assert 0 <= ev1.playback_position - 1.5 < 0.04 and n1 == round(ev1.playback_position / 0.04)
     assert 0 <= ev2.playback_position - 0.77 < 0.04 and n2 == round(ev2.playback_position / 0.04)
+    assert {(a.sample_rate, a.samples_per_channel) for a in speech} == {(48000, 1920)}
     tone = np.concatenate([np.frombuffer(a.data, np.int16) for a in speech[:n1]]) / 32768
-    assert abs(np.sqrt(np.mean(tone[640:-640] ** 2)) - 0.3 / np.sqrt(2)) < 0.01   # level kept
+    assert abs(np.sqrt(np.mean(tone[1920:-1920] ** 2)) - 0.3 / np.sqrt(2)) < 0.01   # level kept
+    answer = np.concatenate([np.frombuffer(a.data, np.int16) for a in speech[n1:]])
+    assert np.abs(answer).min(initial=0) == 0 and np.median(answer[1920:-1920]) > 1000   # the 24 kHz ramp
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.3])
@@ -288,5 +292,5 @@ def test_avatar_options_follow_the_engine():
     assert (avatar_options(scaled).video_width, avatar_options(scaled).video_height) == (160, 128)
     frame = scaled._video_frame(np.full((64, 64, 3), 200, np.uint8))
     assert (frame.width, frame.height) == (160, 128) and set(np.frombuffer(frame.data, np.uint8)) == {200}
-    assert (opts.audio_sample_rate, opts.audio_channels) == (16000, 1)
+    assert (opts.audio_sample_rate, opts.audio_channels) == (48000, 1)
     assert pcm16(np.array([1.5, -1.5, 0.5], np.float32)) == np.array([32767, -32768, 16384], "<i2").tobytes()

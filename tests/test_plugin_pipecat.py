@@ -54,16 +54,16 @@ def index(down, cls, **attrs) -> int:
 
 @pytest.mark.parametrize("delay", [0.0, 0.3])
 def test_speech_comes_out_paired_complete_and_in_order(delay):
-    """One answer of 1.02 s at 16 kHz, then a text frame: every TTS chunk is replaced by frames of exactly
-    640 samples, each right after its image; the audio is complete and in order; the TTSStoppedFrame
+    """One answer of 1.02 s at 48 kHz, then a text frame: every TTS chunk is replaced by frames of exactly
+    1,920 samples at 48 kHz (the TTS's own, bit for bit), each right after its image; the audio is complete and in order; the TTSStoppedFrame
     comes after the last of it and the text after that. delay: an engine slower than real time."""
-    speech = ramp(16000 + 320)
+    speech = ramp(48000 + 960)
     service = AvatarVideoService(ToneAnimator(delay=delay, hop=5 if delay else 1))
-    down, _ = run(service, [SleepFrame(0.3 + 3 * delay), *tts_frames(speech, 16000, "c1"), TextFrame("after")])
+    down, _ = run(service, [SleepFrame(0.3 + 3 * delay), *tts_frames(speech, 48000, "c1"), TextFrame("after")])
     pairs = speaking(down)
-    frames = -(-len(speech) // 640)
+    frames = -(-len(speech) // 1920)
     assert len(pairs) == frames
-    assert all(a.sample_rate == 16000 and a.num_frames == 640 and a.context_id == "c1" for _, a in pairs)
+    assert all(a.sample_rate == 48000 and a.num_frames == 1920 and a.context_id == "c1" for _, a in pairs)
     audio = np.concatenate([np.frombuffer(a.audio, np.int16) for _, a in pairs])
     assert np.array_equal(audio[:len(speech)], speech) and not audio[len(speech):].any()
     first = pairs[0][0]
@@ -77,7 +77,8 @@ def test_speech_comes_out_paired_complete_and_in_order(delay):
 
 
 def test_any_rate_and_stereo():
-    """24 kHz mono and 48 kHz stereo answers: resampled on the way in, played in full at 16 kHz."""
+    """24 kHz mono and 48 kHz stereo answers: resampled and mixed down on the way in, played in full at
+    48 kHz."""
     t = np.arange(int(48000 * 0.6)) / 48000
     stereo = np.repeat((0.3 * np.sin(2 * np.pi * 300 * t) * 32767).astype(np.int16)[:, None], 2, axis=1)
     frames = tts_frames(ramp(int(24000 * 0.77)), 24000, "a") + tts_frames(stereo.reshape(-1), 48000, "b",
@@ -86,6 +87,7 @@ def test_any_rate_and_stereo():
     a = [f for _, f in speaking(down) if f.context_id == "a"]
     b = [f for _, f in speaking(down) if f.context_id == "b"]
     assert len(a) in (20, 21) and len(b) in (15, 16)       # 0.77 s and 0.6 s, rounded up to whole frames
+    assert {(f.sample_rate, f.num_frames) for f in a + b} == {(48000, 1920)}
     tone = np.concatenate([np.frombuffer(f.audio, np.int16) for f in b[1:-1]]) / 32768
     assert abs(np.sqrt(np.mean(tone ** 2)) - 0.3 / np.sqrt(2)) < 0.01                  # level kept
     assert index(down, TTSStoppedFrame, context_id="a") < index(down, TTSStartedFrame, context_id="b")
@@ -116,12 +118,12 @@ def test_interruption_drops_queued_speech_within_one_frame(interruption, delay):
 
 def test_speaks_again_after_an_interruption():
     first = tts_frames(ramp(16000 * 2), 16000, "c1")
-    second = tts_frames(ramp(640 * 10), 16000, "c2")
+    second = tts_frames(ramp(1920 * 10), 48000, "c2")
     down, _ = run(AvatarVideoService(ToneAnimator()), [*first, SleepFrame(0.5), InterruptionFrame(),
                                                       SleepFrame(0.2), *second])
     later = [f for _, f in speaking(down) if f.context_id == "c2"]
     assert len(later) == 10
-    assert np.array_equal(np.concatenate([np.frombuffer(f.audio, np.int16) for f in later]), ramp(6400))
+    assert np.array_equal(np.concatenate([np.frombuffer(f.audio, np.int16) for f in later]), ramp(19200))
     assert index(down, TTSStoppedFrame, context_id="c2") > down.index(later[-1])
 
 

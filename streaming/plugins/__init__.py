@@ -20,10 +20,9 @@ import itertools
 
 import numpy as np
 
-from avatar.timebase import SAMPLE_RATE
 from models.errors import AnitalkerError
 
-__all__ = ["Speech", "load_animator", "pcm16", "played", "SAMPLE_RATE"]
+__all__ = ["Speech", "load_animator", "pcm16", "played"]
 
 
 def load_animator(portrait=None, *, checkpoints=None, infer_type: str | None = None, device: str = "auto",

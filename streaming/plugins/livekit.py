@@ -17,8 +17,9 @@ speaks (silence is fed when nothing was pushed), bounds latency on an engine slo
 makes clear_buffer() effective within a frame: the runner does not empty its own queues on an interrupt,
 so a generator that ran ahead of real time would keep talking for as long as it was ahead.
 
-Audio. Each video frame that plays speech is followed by an AudioFrame with exactly its 640 samples at
-16 kHz (the audio the face was made from); frames in silence carry no audio, because the runner adds every
+Audio. Each video frame that plays speech is followed by an AudioFrame with exactly its 1,920 samples at
+48 kHz: the TTS's own sound (resampled once if it was not 48 kHz), the same 1/25 s the face was made from
+(the models hear it as 16 kHz, which would sound muffled); frames in silence carry no audio, because the runner adds every
 AudioFrame's duration to the playback position it reports. After the frame that holds a segment's last
 sample comes AudioSegmentEnd, so playback_finished(position, interrupted=False) arrives when the speech
 has been shown, with its duration rounded up to whole frames (at most 40 ms over).
@@ -39,7 +40,7 @@ except ModuleNotFoundError as e:
     raise ModuleNotFoundError(f"{e.msg}: this adapter needs livekit-agents 1.8; "
                               'pip install "anitalker-live[livekit]"') from e
 
-from avatar.timebase import FPS, SAMPLE_RATE
+from avatar.timebase import FPS, OUT_RATE
 
 from ..session import Session
 from . import Speech, from_pcm16, pcm16, played
@@ -95,7 +96,8 @@ class AvatarVideo(VideoGenerator):
             async for f in played(self.session, self._run):
                 yield self._video_frame(f.image)
                 if self.speech.live(f.meta.get("tags")):
-                    yield rtc.AudioFrame(pcm16(f.audio), SAMPLE_RATE, 1, len(f.audio))
+                    hi = f.meta["audio48k"]
+                    yield rtc.AudioFrame(pcm16(hi), OUT_RATE, 1, len(hi))
                 for _ in self.speech.finished(f.meta.get("ended")):
                     yield AudioSegmentEnd()
         finally:
@@ -118,9 +120,9 @@ class AvatarVideo(VideoGenerator):
 
 
 def avatar_options(video: AvatarVideo) -> AvatarOptions:
-    """What the runner publishes: the engine's frame size at 25 fps, 16 kHz mono audio."""
+    """What the runner publishes: the engine's frame size at 25 fps, 48 kHz mono audio."""
     return AvatarOptions(video_width=video.size[0], video_height=video.size[1], video_fps=FPS,
-                         audio_sample_rate=SAMPLE_RATE, audio_channels=1)
+                         audio_sample_rate=OUT_RATE, audio_channels=1)
 
 
 class AvatarSession(_AvatarSession):

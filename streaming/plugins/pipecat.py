@@ -6,8 +6,9 @@ Put it after the TTS and before the output transport (examples/pipecat_bot.py is
     Pipeline([transport.input(), stt, user_agg, llm, tts, avatar, transport.output(), assistant_agg])
 
 It consumes TTSAudioRawFrame (any rate, mono or stereo) and emits, 25 times a second, an
-OutputImageRawFrame followed, while it speaks, by a TTSAudioRawFrame with exactly that frame's 640 samples
-at 16 kHz (the audio the face was made from), as pipecat's own video services emit the avatar's picture and
+OutputImageRawFrame followed, while it speaks, by a TTSAudioRawFrame with exactly that frame's 1,920
+samples at 48 kHz (the TTS's own sound, resampled once if it was not 48 kHz: the models hear 16 kHz, which
+would sound muffled), as pipecat's own video services emit the avatar's picture and
 voice in place of the TTS audio. Between turns it keeps emitting images (idle motion) without audio, so
 the transport's bot-speaking detection stays right.
 
@@ -34,8 +35,10 @@ except ModuleNotFoundError as e:
     raise ModuleNotFoundError(f"{e.msg}: this adapter needs pipecat-ai 1.14; "
                               'pip install "anitalker-live[pipecat]"') from e
 
+from avatar.timebase import OUT_RATE
+
 from ..session import Session
-from . import SAMPLE_RATE, Speech, from_pcm16, pcm16, played
+from . import Speech, from_pcm16, pcm16, played
 
 __all__ = ["AvatarVideoService"]
 
@@ -107,7 +110,7 @@ class AvatarVideoService(FrameProcessor):
             await self.push_frame(OutputImageRawFrame(image=f.image.tobytes(), size=(w, h), format="RGB"))
             tags = self.speech.live(f.meta.get("tags"))
             if tags:
-                await self.push_frame(TTSAudioRawFrame(audio=pcm16(f.audio), sample_rate=SAMPLE_RATE,
+                await self.push_frame(TTSAudioRawFrame(audio=pcm16(f.meta["audio48k"]), sample_rate=OUT_RATE,
                                                        num_channels=1, context_id=self._contexts.get(tags[0])))
             for tag in self.speech.finished(f.meta.get("ended")):
                 self._contexts.pop(tag, None)
