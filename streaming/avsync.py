@@ -8,8 +8,10 @@ return click time - flash time per flash (seconds; positive: the sound is late):
 - a virtual camera and a speaker together: the camera's frames as its backend received them (timestamped)
   against the speaker's samples as the device reports playing them (PortAudio's outputBufferDacTime);
 - WebRTC as a browser renders it: the page analyses its own stream with ?avsync=1 (video frames with
-  requestVideoFrameCallback's expected display time, audio with a WebAudio worklet mapped to the same
-  performance.now() clock) and reports both lists back (streaming/static/app.js).
+  requestVideoFrameCallback's expected display time; each click when the video element's audio renderer
+  plays it, from the audio receiver's synchronization sources, and also as a WebAudio worklet finds it on
+  the received track, which adds WebAudio's own capture path) and reports the lists back, on the same
+  performance.now() clock (streaming/static/app.js explains both).
 
 bench/avsync.py runs each of them through the real loop and prints a table; tests/test_avsync.py checks
 them.
@@ -56,10 +58,12 @@ def device_offsets(camera_sends, speaker_log, rate: int) -> list[float]:
     return av_offsets(flash_times(camera_sends), played_clicks(speaker_log, rate))
 
 
-def page_offsets(report: dict) -> list[float]:
-    """The page's own lists (performance.now() milliseconds) -> offsets in seconds."""
+def page_offsets(report: dict, clicks: str = "heard") -> list[float]:
+    """The page's own lists (performance.now() milliseconds) -> offsets in seconds. clicks="heard": when the
+    video element's audio renderer plays each click (the viewer's figure, +-5 ms); "clicks": the WebAudio
+    worklet's onsets on the output clock (also counts WebAudio's capture path and output latency)."""
     flashes = [t / 1000 for t in report.get("flashes", [])]
-    clicks = [t / 1000 for t in report.get("clicks", [])]
+    clicks = [t / 1000 for t in report.get(clicks, [])]
     return av_offsets(flashes, clicks)
 
 

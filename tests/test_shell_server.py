@@ -25,10 +25,12 @@ async def fake_tts(text, voice=None, speed=None):
         yield np.full(8000, 3000, np.int16), 8000          # 1 s per sentence
 
 
-def served(coro_fn, animator=None, **server_kw):
-    """Run coro_fn(server, session) against a live server on a free port; everything is closed after."""
+def served(coro_fn, animator=None, sink=None, **server_kw):
+    """Run coro_fn(server, session) against a live server on a free port (its WebRTC sink: `sink`, or a new
+    one); everything is closed after."""
     async def main():
-        sink = WebRTCSink()
+        nonlocal sink
+        sink = sink or WebRTCSink()
         async with Session(animator or ToneAnimator(size=128), [sink]) as session:
             async with AvatarServer(session, sink, port=0, tts=fake_tts, **server_kw) as server:
                 try:

@@ -50,7 +50,7 @@ async function connect() {
   const stream = new MediaStream();
   pc.ontrack = (e) => {
     stream.addTrack(e.track); $("video").srcObject = stream;
-    if (query.has("avsync")) avsync.watch(e.track);
+    if (query.has("avsync")) avsync.watch(e.track, e.receiver);
   };
   const mine = pc;
   pc.onconnectionstatechange = () => {
@@ -77,6 +77,7 @@ async function stats() {
   const report = await pc.getStats();
   report.forEach((s) => {
     if (s.type === "outbound-rtp" && s.kind === "video") browser.cameraFramesSent = s.framesSent;
+    if (query.has("avsync") && s.type === "media-playout") avsync.playoutDelay(s);
     if (s.type !== "inbound-rtp") return;
     if (s.kind === "video") Object.assign(browser, { framesDecoded: s.framesDecoded, framesDropped: s.framesDropped,
       framesReceived: s.framesReceived, fps: s.framesPerSecond, width: s.frameWidth, height: s.frameHeight,
@@ -88,7 +89,7 @@ async function stats() {
   browser.currentTime = $("video").currentTime;
   browser.controlsShown = ["yaw", "location", "scale"].filter((id) => $(id).offsetParent !== null);
   browser.portraitShown = $("portrait").offsetParent !== null;
-  if (query.has("avsync")) browser.avsync = { flashes: avsync.flashes.slice(-120), clicks: avsync.clicks.slice(-120) };
+  if (query.has("avsync")) browser.avsync = avsync.report();
   send(Object.assign({ op: "stats" }, browser));
   show();
 }
@@ -109,6 +110,9 @@ function show() {
   if (server.drawn_fps != null && server.drawn_fps < 24 && server.frames >= 50)     // judged after 2 s
     warn.push(`This machine renders ${server.drawn_fps.toFixed(1)} frames/s, fewer than the 25 a smooth picture needs: the last picture is repeated between them (the voice is not affected)`);
   if (server.sessions != null && config && config.own) lines.push(`Avatars on this server: ${server.sessions} of ${server.capacity}`);
+  if (browser.avsync && browser.avsync.offsetMs != null) lines.push(`A/V sync (test pattern): the sound is ` +
+    `${ms(Math.abs(browser.avsync.offsetMs))} ${browser.avsync.offsetMs >= 0 ? "late" : "early"} (\u00b15 ms; ` +
+    `${ms(browser.avsync.rawOffsetMs)} measured through WebAudio)`);
   if (server.errors) warn.push(`The engine reported ${server.errors} error${server.errors > 1 ? "s" : ""}` + (server.last_error ? `: ${server.last_error}` : ""));
   const list = $("metrics");
   list.replaceChildren(...lines.map((t) => li(t)), ...warn.map((t) => li(t, "warn")));
@@ -178,13 +182,68 @@ function faceChanged() {
 for (const id of ["faceauto", "location", "scale"]) $(id).oninput = faceChanged;
 
 // ?avsync=1 with the test pattern (anitalker live --serve --test-pattern): A/V sync as this browser renders
-// the stream, both on performance.now()'s clock. Flashes: the first white frame of each flash, at the time
-// requestVideoFrameCallback says it is displayed. Clicks: onsets found by a WebAudio worklet on the received
-// audio track, at the time the audio clock maps that sample to the output (getOutputTimestamp).
+// the stream, on performance.now()'s clock. Flashes: the first white frame of each flash, at the time
+// requestVideoFrameCallback says it is displayed. Clicks, two ways:
+// - heard (the figure): when the <video> element's audio renderer plays the click. Chrome's renderer pulls
+//   the received audio from WebRTC 10 ms at a time; getSynchronizationSources() gives, for the audio
+//   receiver, the RTP timestamp of the newest packet in the last 10 ms pulled and when it was pulled (whole
+//   ms, on the page's pseudo-wall clock), and the packet's audio level (RFC 6464, set by aiortc from the
+//   frame it encoded). The first loud packet after a quiet one carries the click. Its pull time, polled
+//   every 4 ms (a 10 ms pull is never missed) + where in that 10 ms the packet starts (unknown: 0-10 ms,
+//   taken as 5, hence +-5 ms) + the Opus encoder's lookahead (the click is 6.5 ms into its packet,
+//   tests/test_shell_webrtc.py checks it against aiortc) + the delay from pull to the speaker that the
+//   renderer reports (media-playout stats) = when the viewer hears it.
+// - raw (kept to show the difference): a WebAudio worklet on the received track, mapped to the output clock
+//   (getOutputTimestamp). That also counts the MediaStreamAudioSourceNode's FIFO (no target depth: it
+//   starts where the first pulls find it and every underrun leaves 10 ms more in it) and WebAudio's own
+//   output latency, neither of which the viewer hears. A local click looped through
+//   MediaStreamAudioDestinationNode -> createMediaStreamSource was tried as a calibration (16-21 ms here)
+//   and not used: that FIFO is fed on WebAudio's own thread, the received track's on the renderer's
+//   thread, so their depths differ, and WebAudio's output latency (40 ms) is not the renderer's (30 ms).
+const OPUS_LOOKAHEAD_MS = 6.5;
 const avsync = {
-  flashes: [], clicks: [],
-  watch(track) {
-    if (track.kind === "video") this.watchVideo(); else this.watchAudio(track);
+  flashes: [], clicks: [], pulled: [], delayMs: null, last: null, lag: Infinity,
+  watch(track, receiver) {
+    if (track.kind === "video") this.watchVideo(); else { this.watchAudio(track); this.watchPackets(receiver); }
+  },
+  // the mean delay from pull to speaker of the audio played since the last stats (media-playout)
+  playoutDelay(s) {
+    const last = this.last;
+    if (last && s.totalSamplesCount > last.totalSamplesCount)
+      this.delayMs = 1000 * (s.totalPlayoutDelay - last.totalPlayoutDelay) / (s.totalSamplesCount - last.totalSamplesCount);
+    this.last = { totalPlayoutDelay: s.totalPlayoutDelay, totalSamplesCount: s.totalSamplesCount };
+  },
+  watchPackets(receiver) {
+    const seen = [];        // [RTP timestamp, first pull ms] of the last packets
+    let quiet = true;
+    setInterval(() => {
+      for (const s of receiver.getSynchronizationSources()) {
+        if (seen.length && seen[seen.length - 1][0] === s.rtpTimestamp) continue;   // its second 10 ms
+        seen.push([s.rtpTimestamp, s.timestamp - performance.timeOrigin + 0.5]);   // + 0.5: whole ms, cut
+        // how long after its pull a packet was first seen: never < 0 if the two clocks agree
+        this.lag = Math.min(this.lag, performance.now() - seen[seen.length - 1][1]);
+        if (seen.length > 6) seen.shift();
+        const loud = (s.audioLevel || 0) > 0.05;
+        if (loud && quiet) {
+          // the earliest the packets before it say this one was due (48 kHz RTP clock): a poll that came
+          // late, after the packet's second 10 ms was pulled, does not count
+          let t = Infinity;
+          for (const [r, tr] of seen) t = Math.min(t, tr - ((r - s.rtpTimestamp) | 0) / 48);
+          this.pulled.push(t);
+        }
+        quiet = !loud;
+      }
+    }, 4);
+  },
+  heard() {
+    return this.delayMs == null ? [] : this.pulled.map((t) => t + 5 + OPUS_LOOKAHEAD_MS + this.delayMs);
+  },
+  report() {
+    const heard = this.heard(), median = (a) => a.length ? a.sort((x, y) => x - y)[a.length >> 1] : null;
+    const offsets = (clicks) => median(this.flashes.slice(-10).map((f) => clicks.reduce(
+      (best, c) => (Math.abs(c - f) < Math.abs(best) ? c - f : best), Infinity)).filter((d) => Math.abs(d) <= 500));
+    return { flashes: this.flashes.slice(-120), clicks: this.clicks.slice(-120), heard: heard.slice(-120),
+      pulled: this.pulled.slice(-120), playoutDelayMs: this.delayMs, firstSeenMs: this.lag, offsetMs: offsets(heard), rawOffsetMs: offsets(this.clicks) };
   },
   watchVideo() {
     const video = $("video"), canvas = document.createElement("canvas");
