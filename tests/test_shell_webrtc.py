@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+from fractions import Fraction
 
+import av
 import numpy as np
 import pytest
 
@@ -171,3 +173,36 @@ def test_peer_audio_nobody_takes_is_not_kept():
             await pc.close()
             assert sum(kept) == 0, kept
     asyncio.run(main())
+
+
+def test_the_page_finds_the_click_in_the_packet_aiortc_marks():
+    """The page's ?avsync=1 times each click from the audio packet that carries it (streaming/static/app.js):
+    the first packet whose RFC 6464 level is above CLICK_LEVEL, the click OPUS_LOOKAHEAD_MS into it. Both
+    numbers checked here against aiortc's own Opus encoder, level and a decoder, fed 20 ms frames as the
+    sink feeds them, a click at the start of one."""
+    import re
+    from pathlib import Path
+
+    from aiortc import rtp
+    from aiortc.codecs.opus import OpusDecoder, OpusEncoder
+    from aiortc.jitterbuffer import JitterFrame
+
+    page = (Path(__file__).resolve().parents[1] / "streaming" / "static" / "app.js").read_text()
+    lookahead_ms = float(re.search(r"OPUS_LOOKAHEAD_MS = ([0-9.]+)", page).group(1))
+    click_level = float(re.search(r"CLICK_LEVEL = ([0-9.]+)", page).group(1))
+    encoder, decoder, packets = OpusEncoder(), OpusDecoder(), []
+    for k in range(10):
+        x = np.zeros(960, np.float32)
+        if k == 5:
+            x[:240] = 0.8 * np.cos(2 * np.pi * 1000 * np.arange(240) / 48000)
+        frame = av.AudioFrame.from_ndarray((x * 32767).astype("<i2")[None], format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = 48000, 960 * k, Fraction(1, 48000)
+        level = 10 ** (rtp.compute_audio_level_dbov(frame) / 20)       # -dBov on the wire; the page gets this
+        payloads, timestamp = encoder.encode(frame)
+        for payload in payloads:
+            pcm = np.concatenate([f.to_ndarray().reshape(-1, 2)[:, 0] for f in decoder.decode(JitterFrame(payload, timestamp))])
+            packets.append((level, np.flatnonzero(np.abs(pcm) > 0.2 * 32768)))
+    marked = [i for i, (level, _) in enumerate(packets) if level > click_level]
+    heard = [i for i, (_, loud) in enumerate(packets) if len(loud)]
+    assert marked == [5] and heard[0] == 5, (marked, heard)
+    assert packets[5][1][0] == round(lookahead_ms * 48), packets[5][1][:3]

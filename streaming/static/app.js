@@ -184,25 +184,27 @@ for (const id of ["faceauto", "location", "scale"]) $(id).oninput = faceChanged;
 // ?avsync=1 with the test pattern (anitalker live --serve --test-pattern): A/V sync as this browser renders
 // the stream, on performance.now()'s clock. Flashes: the first white frame of each flash, at the time
 // requestVideoFrameCallback says it is displayed. Clicks, two ways:
-// - heard (the figure): when the <video> element's audio renderer plays the click. Chrome's renderer pulls
-//   the received audio from WebRTC 10 ms at a time; getSynchronizationSources() gives, for the audio
-//   receiver, the RTP timestamp of the newest packet in the last 10 ms pulled and when it was pulled (whole
-//   ms, on the page's pseudo-wall clock), and the packet's audio level (RFC 6464, set by aiortc from the
-//   frame it encoded). The first loud packet after a quiet one carries the click. Its pull time, polled
-//   every 4 ms (a 10 ms pull is never missed) + where in that 10 ms the packet starts (unknown: 0-10 ms,
-//   taken as 5, hence +-5 ms) + the Opus encoder's lookahead (the click is 6.5 ms into its packet,
-//   tests/test_shell_webrtc.py checks it against aiortc) + the delay from pull to the speaker that the
-//   renderer reports (media-playout stats) = when the viewer hears it.
+// - heard (the figure): when the <video> element's audio renderer plays the click. The renderer pulls the
+//   received audio from WebRTC 10 ms at a time; the pull that decodes a packet (the first to play any of
+//   it) reports that packet to the audio receiver's getSynchronizationSources(): its RTP timestamp, its
+//   audio level (RFC 6464, set by aiortc from the frame it encoded) and the pull's time (whole ms, on the
+//   page's pseudo-wall clock). The first loud packet after a quiet one carries the click, which starts
+//   its frame. Heard = that pull's time + where in the pull the packet starts (0-10 ms, unknown: taken as
+//   5, so +-5 ms) + the Opus encoder's lookahead (the click is 6.5 ms into its packet) + the delay from pull
+//   to speaker that the renderer reports (media-playout stats). Polled every 4 ms: a packet is missed only
+//   if the page stalls for 20 ms (that click is then not counted). If the device took 20 ms per callback
+//   (two pulls at once, the second 10 ms later on the speaker) the same sum is the middle of +-10 ms; the
+//   page reports WebAudio's baseLatency, the device's callback period (10 ms here).
 // - raw (kept to show the difference): a WebAudio worklet on the received track, mapped to the output clock
 //   (getOutputTimestamp). That also counts the MediaStreamAudioSourceNode's FIFO (no target depth: it
 //   starts where the first pulls find it and every underrun leaves 10 ms more in it) and WebAudio's own
 //   output latency, neither of which the viewer hears. A local click looped through
 //   MediaStreamAudioDestinationNode -> createMediaStreamSource was tried as a calibration (16-21 ms here)
-//   and not used: that FIFO is fed on WebAudio's own thread, the received track's on the renderer's
-//   thread, so their depths differ, and WebAudio's output latency (40 ms) is not the renderer's (30 ms).
-const OPUS_LOOKAHEAD_MS = 6.5;
+//   and not used: that FIFO is fed on WebAudio's own thread, the received track's on the renderer's, so
+//   their depths differ, and it leaves WebAudio's output latency (40 ms here) in place of the renderer's.
+const OPUS_LOOKAHEAD_MS = 6.5, CLICK_LEVEL = 0.05;      // both checked in tests/test_shell_webrtc.py
 const avsync = {
-  flashes: [], clicks: [], pulled: [], delayMs: null, last: null, lag: Infinity,
+  flashes: [], clicks: [], pulled: [], delayMs: null, last: null, lag: Infinity, ctx: null,
   watch(track, receiver) {
     if (track.kind === "video") this.watchVideo(); else { this.watchAudio(track); this.watchPackets(receiver); }
   },
@@ -214,23 +216,15 @@ const avsync = {
     this.last = { totalPlayoutDelay: s.totalPlayoutDelay, totalSamplesCount: s.totalSamplesCount };
   },
   watchPackets(receiver) {
-    const seen = [];        // [RTP timestamp, first pull ms] of the last packets
-    let quiet = true;
+    let last = null, quiet = true;
     setInterval(() => {
       for (const s of receiver.getSynchronizationSources()) {
-        if (seen.length && seen[seen.length - 1][0] === s.rtpTimestamp) continue;   // its second 10 ms
-        seen.push([s.rtpTimestamp, s.timestamp - performance.timeOrigin + 0.5]);   // + 0.5: whole ms, cut
-        // how long after its pull a packet was first seen: never < 0 if the two clocks agree
-        this.lag = Math.min(this.lag, performance.now() - seen[seen.length - 1][1]);
-        if (seen.length > 6) seen.shift();
-        const loud = (s.audioLevel || 0) > 0.05;
-        if (loud && quiet) {
-          // the earliest the packets before it say this one was due (48 kHz RTP clock): a poll that came
-          // late, after the packet's second 10 ms was pulled, does not count
-          let t = Infinity;
-          for (const [r, tr] of seen) t = Math.min(t, tr - ((r - s.rtpTimestamp) | 0) / 48);
-          this.pulled.push(t);
-        }
+        if (s.rtpTimestamp === last) continue;               // seen at an earlier poll
+        last = s.rtpTimestamp;
+        const pulled = s.timestamp - performance.timeOrigin + 0.5;         // + 0.5: whole ms, cut
+        this.lag = Math.min(this.lag, performance.now() - pulled);        // >= 0 if the two clocks agree
+        const loud = (s.audioLevel || 0) > CLICK_LEVEL;
+        if (loud && quiet) this.pulled.push(pulled);
         quiet = !loud;
       }
     }, 4);
@@ -243,7 +237,8 @@ const avsync = {
     const offsets = (clicks) => median(this.flashes.slice(-10).map((f) => clicks.reduce(
       (best, c) => (Math.abs(c - f) < Math.abs(best) ? c - f : best), Infinity)).filter((d) => Math.abs(d) <= 500));
     return { flashes: this.flashes.slice(-120), clicks: this.clicks.slice(-120), heard: heard.slice(-120),
-      pulled: this.pulled.slice(-120), playoutDelayMs: this.delayMs, firstSeenMs: this.lag, offsetMs: offsets(heard), rawOffsetMs: offsets(this.clicks) };
+      pulled: this.pulled.slice(-120), playoutDelayMs: this.delayMs, firstSeenMs: this.lag,
+      baseLatencyMs: this.ctx && 1000 * this.ctx.baseLatency, offsetMs: offsets(heard), rawOffsetMs: offsets(this.clicks) };
   },
   watchVideo() {
     const video = $("video"), canvas = document.createElement("canvas");
@@ -263,7 +258,7 @@ const avsync = {
     video.requestVideoFrameCallback(frame);
   },
   async watchAudio(track) {
-    const ctx = new AudioContext();
+    const ctx = this.ctx = new AudioContext();
     const code = `registerProcessor("clicks", class extends AudioWorkletProcessor {
       constructor() { super(); this.quiet = 1e9; }
       process(inputs) {
