@@ -162,7 +162,7 @@ def webrtc_case(seconds: float) -> dict:
                 first_third=third(lambda t: t < 1000 * seconds / 3, "heard"),
                 chrome_playout_audio_minus_video_ms=round(float(np.median(chrome)), 1) if chrome else None,
                 renderer_delay_ms=report.get("playoutDelayMs"), page_offset_ms=report.get("offsetMs"),
-                first_seen_after_pull_ms=report.get("firstSeenMs"))
+                first_seen_after_pull_ms=report.get("firstSeenMs"), page=report)
 
 
 def main(argv=None):
@@ -187,7 +187,7 @@ def main(argv=None):
     Path(args.out).write_text(json.dumps(rows, indent=1))
     print(f"{'sink':<52} {'flashes':>7} {'median ms':>9} {'max |ms|':>8}  notes")
     for name, r in rows.items():
-        notes = {k: v for k, v in r.items() if k not in ("n", "median_ms", "max_abs_ms")}
+        notes = {k: v for k, v in r.items() if k not in ("n", "median_ms", "max_abs_ms", "page")}
         print(f"{name:<52} {r.get('n', '-'):>7} {str(r.get('median_ms')):>9} {str(r.get('max_abs_ms')):>8}  {notes}")
     print(f"-> {args.out}")
 

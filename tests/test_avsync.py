@@ -141,7 +141,7 @@ def test_webrtc_as_headless_chromium_renders_it(tmp_path, late_frames):
         s = avsync.summary(avsync.page_offsets(late, clicks))
         print(f"webrtc in chromium, last third, {clicks}:", s)
         assert s["n"] >= 5 and abs(s["median_ms"] - want) <= 80, (clicks, s, report)
-    assert report["playoutDelayMs"] >= 0 and abs(report["offsetMs"] - want) <= 80, report     # the page's own line
+    assert report.get("offsetMs") is not None and abs(report["offsetMs"] - want) <= 80, report   # the page's own line
 
 
 def test_soak_click_log_finds_the_clicks_played_clicks_finds():

@@ -110,9 +110,9 @@ function show() {
   if (server.drawn_fps != null && server.drawn_fps < 24 && server.frames >= 50)     // judged after 2 s
     warn.push(`This machine renders ${server.drawn_fps.toFixed(1)} frames/s, fewer than the 25 a smooth picture needs: the last picture is repeated between them (the voice is not affected)`);
   if (server.sessions != null && config && config.own) lines.push(`Avatars on this server: ${server.sessions} of ${server.capacity}`);
-  if (browser.avsync && browser.avsync.offsetMs != null) lines.push(`A/V sync (test pattern): the sound is ` +
-    `${ms(Math.abs(browser.avsync.offsetMs))} ${browser.avsync.offsetMs >= 0 ? "late" : "early"} (\u00b15 ms; ` +
-    `${ms(browser.avsync.rawOffsetMs)} measured through WebAudio)`);
+  const av = browser.avsync;           // ?avsync=1: the last 10 flashes, median
+  if (av && av.offsetMs != null) lines.push(`A/V sync (test pattern): the sound is ${ms(Math.abs(av.offsetMs))} ` +
+    `${av.offsetMs >= 0 ? "late" : "early"} (\u00b15 ms)` + (av.rawOffsetMs != null ? `; ${ms(av.rawOffsetMs)} through WebAudio` : ""));
   if (server.errors) warn.push(`The engine reported ${server.errors} error${server.errors > 1 ? "s" : ""}` + (server.last_error ? `: ${server.last_error}` : ""));
   const list = $("metrics");
   list.replaceChildren(...lines.map((t) => li(t)), ...warn.map((t) => li(t, "warn")));
