@@ -191,8 +191,9 @@ for (const id of ["faceauto", "location", "scale"]) $(id).oninput = faceChanged;
 //   page's pseudo-wall clock). The first loud packet after a quiet one carries the click, which starts
 //   its frame. Heard = that pull's time + where in the pull the packet starts (0-10 ms, unknown: taken as
 //   5, so +-5 ms) + the Opus encoder's lookahead (the click is 6.5 ms into its packet) + the delay from pull
-//   to speaker that the renderer reports (media-playout stats). Polled every 4 ms: a packet is missed only
-//   if the page stalls for 20 ms (that click is then not counted). If the device took 20 ms per callback
+//   to speaker that the renderer reports (media-playout stats). While NetEq stretches the audio it may
+//   decode a packet one pull early (that click then counts up to 10 ms early). Polled every 4 ms: a packet
+//   is missed only if the page stalls for 20 ms (that click is then not counted). If the device took 20 ms per callback
 //   (two pulls at once, the second 10 ms later on the speaker) the same sum is the middle of +-10 ms; the
 //   page reports WebAudio's baseLatency, the device's callback period (10 ms here).
 // - raw (kept to show the difference): a WebAudio worklet on the received track, mapped to the output clock
