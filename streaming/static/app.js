@@ -193,9 +193,9 @@ for (const id of ["faceauto", "location", "scale"]) $(id).oninput = faceChanged;
 //   5, so +-5 ms) + the Opus encoder's lookahead (the click is 6.5 ms into its packet) + the delay from pull
 //   to speaker that the renderer reports (media-playout stats). While NetEq stretches the audio it may
 //   decode a packet one pull early (that click then counts up to 10 ms early). Polled every 4 ms: a packet
-//   is missed only if the page stalls for 20 ms (that click is then not counted). If the device took 20 ms per callback
-//   (two pulls at once, the second 10 ms later on the speaker) the same sum is the middle of +-10 ms; the
-//   page reports WebAudio's baseLatency, the device's callback period (10 ms here).
+//   is missed only if the page stalls for 20 ms (that click is then not counted). A device that took 20 ms
+//   a callback (two pulls at once, the second 10 ms later on the speaker) makes the same sum the middle of
+//   +-10 ms; the page reports WebAudio's baseLatency, the device's callback period (10 ms here).
 // - raw (kept to show the difference): a WebAudio worklet on the received track, mapped to the output clock
 //   (getOutputTimestamp). That also counts the MediaStreamAudioSourceNode's FIFO (no target depth: it
 //   starts where the first pulls find it and every underrun leaves 10 ms more in it) and WebAudio's own
@@ -223,7 +223,7 @@ const avsync = {
         if (s.rtpTimestamp === last) continue;               // seen at an earlier poll
         last = s.rtpTimestamp;
         const pulled = s.timestamp - performance.timeOrigin + 0.5;         // + 0.5: whole ms, cut
-        this.lag = Math.min(this.lag, performance.now() - pulled);        // >= 0 if the two clocks agree
+        this.lag = Math.min(this.lag, performance.now() - pulled);    // ~0 (>= -0.5) if the clocks agree
         const loud = (s.audioLevel || 0) > CLICK_LEVEL;
         if (loud && quiet) this.pulled.push(pulled);
         quiet = !loud;
