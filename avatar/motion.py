@@ -35,6 +35,8 @@ from models.errors import AnitalkerError
 from models.sampler import ddim_sample, ddim_schedule
 from models.stage2 import Stage2
 
+from .device import to_device
+
 NOISE_BLOCK = 64          # frames per independently seeded noise block
 CONTINUITY = ("inpaint", "crossfade", "inpaint+crossfade", "none")
 
@@ -144,7 +146,7 @@ class MotionStream:
             if name not in known:
                 raise AnitalkerError(f"the {self.stage2.dims.infer_type} model has no {name} control; "
                                      "use a pose_only or full_control model")
-            v = torch.as_tensor(v, dtype=torch.float32, device=self.wa.device).reshape(-1, known[name])
+            v = to_device(torch.as_tensor(v, dtype=torch.float32), self.wa.device).reshape(-1, known[name])
             if len(v) == 1:
                 v = v.expand(frames, -1)
             if len(v) != frames:
@@ -178,7 +180,7 @@ class MotionStream:
             raise ValueError(f"{n} audio frames cannot hold {n_ctx} context + {max(h, 1)} new frames")
         lo = start - n_ctx
         return Window(self, start, n, n_ctx, h, self.tail[:, -n_ctx - 1], self.tail[:, self.tail.shape[1] - n_ctx:],
-                      motion_noise(cfg.seed, lo, lo + n, self.alpha0.shape[-1]).to(self.wa.device), audio,
+                      to_device(motion_noise(cfg.seed, lo, lo + n, self.alpha0.shape[-1]), self.wa.device), audio,
                       self._controls(controls, n))
 
     def commit(self, window: Window, x0: Tensor) -> Tensor:

@@ -3,6 +3,7 @@ session, and the worker serves every session in turn. Tiny random-weight models,
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -285,3 +286,123 @@ def test_on_a_gpu_sessions_share_one_engine_in_bf16(tiny_checkpoints):
     frames, errors, _ = on_worker(worker, engines, waves())
     assert worker.batch is True and errors == [[], [], []]
     assert all(len(f) == 33 and f[-1].image.dtype == np.uint8 for f in frames)
+
+
+class FakeEvent:
+    """A CUDA event on the CPU: its time is taken at record() (a CPU's work has run by then) and, as a real
+    event's, it can be read only after the host has waited for the stream (to_host)."""
+    recorded: list = []
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        self.t, self.done = None, False
+
+    def record(self, stream=None):
+        self.t, self.done = time.perf_counter(), False
+        FakeEvent.recorded.append(self)
+
+    def elapsed_time(self, end):
+        if not (self.done and end.done):
+            raise RuntimeError("a span was read before the wait that follows its work")
+        return 1000 * (end.t - self.t)
+
+
+def caller() -> str:
+    """file:line of the code that called the patched function (for the failure message)."""
+    import traceback
+    frame = traceback.extract_stack(limit=3)[0]
+    return f"{frame.filename}:{frame.lineno}"
+
+
+@pytest.fixture
+def gpu_books(tiny, monkeypatch):
+    """The engine's GPU bookkeeping on the CPU: Spans use (fake) CUDA events; every wait for the device
+    (to_host), every value read back to the host outside it and every copy to the device that would wait
+    (a pageable .to(device), torch.tensor(..., device=)) is counted. The DDIM tables are already on the
+    device (once a process: models.sampler.Schedule.tables)."""
+    import avatar.animator
+    import avatar.batch
+    import avatar.device
+    from models.sampler import ddim_schedule
+
+    ddim_schedule(CONFIG.steps).tables(tiny[0].device)
+    books = {"waits": 0, "reads": [], "blocking_copies": []}
+    FakeEvent.recorded = []
+    monkeypatch.setattr(avatar.device, "uses_events", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    inside = []
+    original_to_host = avatar.device.to_host
+
+    def to_host(*tensors):
+        books["waits"] += 1
+        for e in FakeEvent.recorded:       # what a real wait guarantees: every recorded event has run
+            e.done = True
+        inside.append(1)
+        try:
+            return original_to_host(*tensors)
+        finally:
+            inside.pop()
+    monkeypatch.setattr(avatar.animator, "to_host", to_host)
+    monkeypatch.setattr(avatar.batch, "to_host", to_host)
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k:
+                            (inside or books["reads"].append(f"{_n} at {caller()}"), _f(self, *a, **k))[1])
+    to = torch.Tensor.to
+
+    def checked_to(self, *args, **kw):
+        target = [a for a in args if isinstance(a, (torch.device, str))] + [kw.get("device")]
+        if self.device.type == "cpu" and any(d is not None for d in target) and not kw.get("non_blocking"):
+            books["blocking_copies"].append(f".to{args} at {caller()}")
+        return to(self, *args, **kw)
+    monkeypatch.setattr(torch.Tensor, "to", checked_to)
+    for name in ("tensor", "as_tensor"):
+        make = getattr(torch, name)
+
+        def checked(data, *args, _make=make, _n=name, **kw):
+            if kw.get("device") is not None and not (isinstance(data, torch.Tensor) and data.device == kw["device"]):
+                books["blocking_copies"].append(f"torch.{_n}(..., device=) at {caller()}")
+            return _make(data, *args, **kw)
+        monkeypatch.setattr(torch, name, checked)
+    return books
+
+
+def test_a_hop_waits_for_the_device_once_and_times_it_with_events(tiny, gpu_books, monkeypatch):
+    """As on a GPU (Spans on events, the whole hop rendered in one batch): over a stream, the engine waits
+    for the device once per hop (the copy of its pictures and codes to the host), reads no value back
+    otherwise, copies nothing to the device in a way that would wait, and reads every stage's time only
+    after that wait; the times are those of the work (a renderer made 40 ms slower per call is seen so)."""
+    models, codes = tiny
+    models = replace(models)                        # its own _render, the shared modules
+    draw, calls = models._render, []
+
+    def slow_render(*args):
+        calls.append(len(args[1]))
+        time.sleep(0.04)
+        return draw(*args)
+    models._render = slow_render
+    animator = StreamingAnimator(models, codes[0], replace(CONFIG, render_batch=CONFIG.hop))
+    hops = []
+    commit = animator.commit
+    monkeypatch.setattr(animator, "commit", lambda *a: (hops.append(1), commit(*a))[1])
+    frames = alone(animator, waves(1)[0])
+    assert len(frames) == 33 and len(hops) == 7 and len(calls) == 7
+    assert gpu_books["waits"] == len(hops)
+    assert gpu_books["reads"] == [] and gpu_books["blocking_copies"] == []
+    t = animator.timings
+    assert t["features"] > 0 and t["motion"] > 0 and t["render"] >= 0.04 * len(calls)
+    assert min(animator._render_cost) >= 0.04 / CONFIG.hop         # seconds per frame of a 5-frame batch
+    assert len(animator._hop_cost) == 4 and min(animator._hop_cost) > 0
+
+
+def test_batched_sessions_wait_for_the_device_once_per_wave(tiny, gpu_books):
+    """Three sessions batched on one worker: one wait per wave (the j-th hop of every session, sampled and
+    rendered together), no other read back or waiting copy, and each session's stages still timed."""
+    engines = animators(tiny)
+    frames, errors, _ = on_worker(EngineWorker(batch=True), engines, waves())
+    assert errors == [[], [], []] and all(len(f) == 33 for f in frames)
+    assert 1 <= gpu_books["waits"] <= 7                           # 7 hops a session, in waves of 3
+    assert gpu_books["reads"] == [] and gpu_books["blocking_copies"] == []
+    for a in engines:
+        assert min(a.timings.values()) > 0 and a._render_cost and a._hop_cost
