@@ -111,6 +111,9 @@ class StreamingAnimator:
         self.controls = controls
 
     def _new_segment(self, frame: int) -> None:
+        # the new segment's features have no left context, so neither has its first motion window (it
+        # continues from the last code); without this, speech after a flush failed at its first hop
+        self.motion.reset(start=frame)
         self._origin = frame                        # global frame where this segment's audio starts
         self._audio = np.zeros(0, np.float32)       # segment audio not yet handed out with frames
         self._audio_frame = frame                   # global frame of self._audio[0]
