@@ -73,7 +73,7 @@ class StreamingAnimator:
                                           normalize=config.normalize, lookahead_rows=True, hubert=config.hubert)
         self.motion = MotionStream(models.stage2, code.wa, code.alpha0, MotionConfig(
             hop=config.hop, context=config.context, lookahead=config.lookahead, steps=config.steps,
-            continuity=config.continuity, seed=config.seed))
+            continuity=config.continuity, seed=config.seed), denoiser=models.denoiser, static=models.static_shapes)
         self.batch = config.render_batch or (config.hop if models.device.type == "cuda" else 1)
         self.timings = {"features": 0.0, "motion": 0.0, "render": 0.0}
         # the stages' costs, on the session's clock (a GPU's: its events), read after each hop's one wait

@@ -89,12 +89,16 @@ class MotionStream:
 
     wa: (1, style_dim), alpha0: (1, M) from the portrait. ``window(start)`` says which frames' audio
     ``step(start, ...)`` wants; ``timings`` holds the last step's seconds (condition, sample, total);
-    ``on_step`` is passed to ddim_sample for per-DDIM-step hooks.
+    ``on_step`` is passed to ddim_sample for per-DDIM-step hooks. denoiser: stage2.eps or a compiled
+    copy (Models.denoiser). static: every window is sampled at one shape, padded to ``frames_static``
+    frames (and batches of windows to a power of two), so a compiled denoiser runs as one CUDA graph.
     """
 
     def __init__(self, stage2: Stage2, wa: Tensor, alpha0: Tensor, config: MotionConfig = MotionConfig(),
-                 on_step: Optional[Callable] = None):
+                 on_step: Optional[Callable] = None, denoiser: Optional[Callable] = None, static: bool = False):
         self.stage2, self.wa, self.alpha0, self.config = stage2, wa, alpha0, config
+        self.denoiser = denoiser or stage2.eps
+        self.frames_static = config.context + config.hop + config.lookahead if static else 0
         self.schedule = ddim_schedule(config.steps)
         self.on_step = on_step
         self.timings: dict = {}
@@ -218,7 +222,7 @@ class Window:
         """Windows with the same key are sampled as one batch: the same model, steps, shape and controls."""
         s = self.stream
         return (id(s.stage2), s.config.steps, s.config.continuity, self.n, self.n_ctx, tuple(self.audio.shape[1:]),
-                tuple(sorted(self.controls)))
+                tuple(sorted(self.controls)), s.denoiser, s.frames_static)
 
 
 @torch.inference_mode()
@@ -237,15 +241,26 @@ def sample_windows(windows: list[Window], on_step: Optional[Callable] = None) ->
         cond = first.stage2.condition(cat([w.stream.wa for w in ws]), cat([w.hint for w in ws]),
                                       cat([w.audio for w in ws]),
                                       **{k: cat([w.controls[k] for w in ws]) for k in ws[0].controls})
-        x_T = cat([w.x_T for w in ws])
-        denoise = lambda x, t, cond=cond: first.stage2.eps(cond, x, t).float()   # noqa: E731  (fp32 sampler under autocast)
+        x_T, context = cat([w.x_T for w in ws]), cat([w.context for w in ws])
+        n, frames = ws[0].n, max(first.frames_static, ws[0].n)
+        if first.frames_static:             # one shape for every window: a CUDA graph replays it
+            cond = first.stage2.pad(cond, frames)
+            rows = 1 << (len(ws) - 1).bit_length()                # sessions: 1, 2, 4, 8, ... rows
+            cond.prefix, x_T, context = (_repeat_last(t, rows) for t in (cond.prefix, x_T, context))
+            x_T = torch.nn.functional.pad(x_T, (0, 0, 0, frames - n))
+        denoise = lambda x, t, cond=cond: first.denoiser(cond, x, t).float()   # noqa: E731  (fp32 sampler under autocast)
         n_ctx = ws[0].n_ctx
         if "inpaint" in first.config.continuity and n_ctx:
-            denoise = _inpainting(denoise, first.schedule, cat([w.context for w in ws]), x_T[:, :n_ctx])
-        x0 = ddim_sample(denoise, x_T, first.schedule, on_step=on_step)
+            denoise = _inpainting(denoise, first.schedule, context, x_T[:, :n_ctx])
+        x0 = ddim_sample(denoise, x_T, first.schedule, on_step=on_step)[:, :n]
         for j, i in enumerate(idx):
             out[i] = x0[j:j + 1]
     return [out[i] for i in range(len(windows))]
+
+
+def _repeat_last(t: Tensor, rows: int) -> Tensor:
+    """t (B, ...) with its last row repeated up to ``rows`` rows (a batch-1 tensor broadcasts: kept)."""
+    return t if len(t) in (1, rows) else torch.cat([t, t[-1:].expand(rows - len(t), *t.shape[1:])])
 
 
 def _inpainting(denoise, schedule, known: Tensor, noise: Tensor):

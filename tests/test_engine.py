@@ -406,3 +406,76 @@ def test_batched_sessions_wait_for_the_device_once_per_wave(tiny, gpu_books):
     assert gpu_books["reads"] == [] and gpu_books["blocking_copies"] == []
     for a in engines:
         assert min(a.timings.values()) > 0 and a._render_cost and a._hop_cost
+
+
+def test_padded_windows_and_render_batches_keep_the_real_frames(tiny):
+    """Padding a window to the full length (its last frames masked out of attention and the convolutions)
+    and a render batch to a fixed size leaves the real frames as they were, up to the rounding of longer
+    sums: the denoiser's eps, and a whole stream's codes and pictures."""
+    from avatar.pipeline import _bucketed
+    from models.sampler import ddim_schedule
+
+    models, codes = tiny
+    s2 = models.stage2
+    g = torch.Generator().manual_seed(0)
+    audio = torch.randn(1, s2.dims.hubert_layers, 2 * 7, s2.dims.hubert_dim, generator=g)
+    with torch.inference_mode():
+        cond = s2.condition(codes[0].wa, codes[0].alpha0, audio)
+        x = torch.randn(1, 7, s2.dims.motion_dim, generator=g)
+        t = ddim_schedule(CONFIG.steps).timesteps[-1:]
+        eps = s2.eps(cond, x, t)
+        padded = s2.eps(s2.pad(cond, 12), torch.cat([x, torch.randn(1, 5, x.shape[2], generator=g)], 1), t)
+    assert padded.shape[1] == 12
+    np.testing.assert_allclose(padded[:, :7], eps, atol=1e-5)
+
+    static = replace(models)
+    static.static_shapes, static._render = True, _bucketed(static.stage1.render)
+    config = replace(CONFIG, render_batch=CONFIG.hop)
+    want = alone(StreamingAnimator(models, codes[0], config), waves(1)[0])
+    got = alone(StreamingAnimator(static, codes[0], config), waves(1)[0])
+    assert [f.pts for f in got] == [f.pts for f in want]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.meta["motion"], b.meta["motion"], atol=1e-5)
+        assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 1
+
+
+def test_compiled_windows_and_renders_keep_one_shape_over_a_stream(tiny):
+    """With Models compiled for fixed shapes (compile_graphs, as on a GPU, here with a backend that only
+    counts what dynamo compiles): after a first utterance, another of a different length and one after an
+    interrupt compile nothing more, so no window (the first without context, the final partial one) and
+    no render batch has a shape of its own. Batched sessions: windows stack in batches of 1, 2, 4, ...,
+    so a second round of as many sessions compiles nothing either."""
+    from avatar.pipeline import compile_graphs
+
+    models, codes = tiny
+    graphs, windows = [], []
+
+    def counting(gm, inputs):
+        graphs.append([tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)])
+        return gm.forward
+    static = replace(models)
+    torch._dynamo.reset()
+    compile_graphs(static, backend=counting)
+    denoiser = static.denoiser
+    static.denoiser = lambda cond, x, t: (windows.append(tuple(x.shape)), denoiser(cond, x, t))[1]
+    config = replace(CONFIG, render_batch=CONFIG.hop)
+    animator = StreamingAnimator(static, codes[0], config)
+    first = alone(animator, waves(1, seconds=1.3)[0])
+    warm = len(graphs)
+    assert warm >= 2 and len(first) == 33
+    second = alone(animator, waves(1, seconds=0.9)[0])          # another final window length
+    animator.reset(second[-1])
+    third = alone(animator, waves(1, seconds=1.1)[0])           # after an interrupt: no context
+    assert len(second) == 23 and len(third) == 28 and len(graphs) == warm
+    n = CONFIG.context + CONFIG.hop + CONFIG.lookahead
+    assert set(windows) == {(1, n, windows[0][2])}
+
+    def batched(k, seconds):
+        engines = [StreamingAnimator(static, codes[i % 3], replace(config, seed=i)) for i in range(k)]
+        frames, errors, _ = on_worker(EngineWorker(batch=True), engines, waves(k, seconds))
+        assert errors == [[]] * k and len(frames[0]) > 20
+    batched(3, 1.3)
+    warm = len(graphs)
+    batched(3, 0.9)
+    assert len(graphs) == warm
+    assert {b for b, *_ in windows} == {1, 4} and {f for _, f, _ in windows} == {n}
