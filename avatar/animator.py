@@ -178,7 +178,7 @@ class StreamingAnimator:
         with self.timer.stage(stage), self.models.autocast(), torch.inference_mode():
             return fn(*args)
 
-    def settle(self, drawn: int) -> None:
+    def _settle(self, drawn: int) -> None:
         """After a wait for the device (to_host): the stages timed since the last one have run, so their
         seconds count now: into ``timings``, a hop's features and motion into the hop cost the next hops
         plan with, and the render's seconds over the ``drawn`` frames into the cost of a frame."""
@@ -256,7 +256,7 @@ class StreamingAnimator:
                 images, motion = dict(zip(draw, host[0])), host[1] if motion is None else motion
             elif motion is None:
                 motion = to_host(codes.float())[0]
-            self.settle(len(draw))
+            self._settle(len(draw))
             yield from self._emit(group, draw, images, motion, start)
         if block.last:
             self._new_segment(self.features.frames_done)
@@ -270,7 +270,7 @@ class StreamingAnimator:
         """The hop's frames when ``images`` (uint8, one per pts in ``draw``) were rendered elsewhere (this
         session's share of the shared stages added to ``timer``); motion: the hop's codes, copied back
         with them. As frames() otherwise."""
-        self.settle(len(draw))
+        self._settle(len(draw))
         yield from self._emit(range(block.start, block.start + len(motion)), draw, dict(zip(draw, images)),
                               motion, block.start)
         if block.last:

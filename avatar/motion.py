@@ -89,15 +89,16 @@ class MotionStream:
 
     wa: (1, style_dim), alpha0: (1, M) from the portrait. ``window(start)`` says which frames' audio
     ``step(start, ...)`` wants; ``timings`` holds the last step's seconds (condition, sample, total);
-    ``on_step`` is passed to ddim_sample for per-DDIM-step hooks. denoiser: stage2.eps or a compiled
-    copy (Models.denoiser). static: every window is sampled at one shape, padded to ``frames_static``
-    frames (and batches of windows to a power of two), so a compiled denoiser runs as one CUDA graph.
+    ``on_step`` is passed to ddim_sample for per-DDIM-step hooks. denoiser: a compiled copy of
+    stage2.eps (Models.denoiser), None: stage2.eps. static: every window is sampled at one shape, padded
+    to ``frames_static`` frames (and batches of windows to 1, 2, 4, ... rows), so that a compiled denoiser
+    runs as one CUDA graph.
     """
 
     def __init__(self, stage2: Stage2, wa: Tensor, alpha0: Tensor, config: MotionConfig = MotionConfig(),
                  on_step: Optional[Callable] = None, denoiser: Optional[Callable] = None, static: bool = False):
         self.stage2, self.wa, self.alpha0, self.config = stage2, wa, alpha0, config
-        self.denoiser = denoiser or stage2.eps
+        self.denoiser = denoiser                  # None: stage2.eps, looked up when sampling
         self.frames_static = config.context + config.hop + config.lookahead if static else 0
         self.schedule = ddim_schedule(config.steps)
         self.on_step = on_step
@@ -248,7 +249,8 @@ def sample_windows(windows: list[Window], on_step: Optional[Callable] = None) ->
             rows = 1 << (len(ws) - 1).bit_length()                # sessions: 1, 2, 4, 8, ... rows
             cond.prefix, x_T, context = (_repeat_last(t, rows) for t in (cond.prefix, x_T, context))
             x_T = torch.nn.functional.pad(x_T, (0, 0, 0, frames - n))
-        denoise = lambda x, t, cond=cond: first.denoiser(cond, x, t).float()   # noqa: E731  (fp32 sampler under autocast)
+        eps = first.denoiser or first.stage2.eps
+        denoise = lambda x, t, cond=cond: eps(cond, x, t).float()   # noqa: E731  (fp32 sampler under autocast)
         n_ctx = ws[0].n_ctx
         if "inpaint" in first.config.continuity and n_ctx:
             denoise = _inpainting(denoise, first.schedule, context, x_T[:, :n_ctx])

@@ -144,7 +144,7 @@ class Models:
                 self.stage1.set_upsampling(self.speed.upsampling)
             self.upsampling = self.speed.upsampling
         self._render = self.stage1.render
-        self.denoiser = self.stage2.eps if self.stage2 is not None else None
+        self.denoiser = None            # a compiled stage2.eps (compile_graphs); None: stage2.eps itself
         self.static_shapes = False      # the engine pads windows and render batches to fixed shapes
         if self.speed.compile and self.device.type == "cuda":
             compile_graphs(self, mode="reduce-overhead")
