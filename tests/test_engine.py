@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -479,3 +480,44 @@ def test_compiled_windows_and_renders_keep_one_shape_over_a_stream(tiny):
     batched(3, 0.9)
     assert len(graphs) == warm
     assert {b for b, *_ in windows} == {1, 4} and {f for _, f, _ in windows} == {n}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_compiled_hops_keep_one_shape_and_wait_once(tiny_checkpoints, monkeypatch):
+    """On CUDA with Speed.compile: the denoiser and the renderer run as CUDA graphs at fixed shapes. After
+    a first utterance (compiling and capturing), another of a different length and one after an interrupt
+    compile nothing more; torch's sync debug mode sees at most one synchronising call a hop; the frames
+    match the uncompiled engine (fp32, TF32 off); the stages' times are non-zero."""
+    from avatar.pipeline import Speed
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch._dynamo.reset()
+    fast = load_models(tiny_checkpoints, "hubert_audio_only", "cuda", Speed(precision="fp32", compile=True))
+    plain = load_models(tiny_checkpoints, "hubert_audio_only", "cuda", Speed(precision="fp32"))
+    assert fast.static_shapes and not plain.static_shapes
+    image = to_tensor(prepare_portrait(load_image(asset_path("portrait.jpg"))).image)
+    out = {}
+    for name, models in (("fast", fast), ("plain", plain)):
+        animator = StreamingAnimator(models, encode_portrait(models, image), CONFIG)
+        first = alone(animator, waves(1, seconds=1.3)[0])
+        graphs = counters["stats"]["unique_graphs"]
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                second = alone(animator, waves(1, seconds=0.9)[0])
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        animator.reset(second[-1])
+        third = alone(animator, waves(1, seconds=1.1)[0])
+        assert counters["stats"]["unique_graphs"] == graphs
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) <= -(-len(second) // CONFIG.hop), [str(w.message) for w in syncs[:3]]
+        assert min(animator.timings.values()) > 0
+        out[name] = first + second + third
+    for a, b in zip(out["fast"], out["plain"]):
+        np.testing.assert_allclose(a.meta["motion"], b.meta["motion"], atol=1e-4)
+        assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 2
