@@ -369,11 +369,15 @@ def gpu_books(tiny, monkeypatch):
     return books
 
 
-def test_a_hop_waits_for_the_device_once_and_times_it_with_events(tiny, gpu_books, monkeypatch):
+@pytest.mark.parametrize("static", [False, True])
+def test_a_hop_waits_for_the_device_once_and_times_it_with_events(tiny, gpu_books, monkeypatch, static):
     """As on a GPU (Spans on events, the whole hop rendered in one batch): over a stream, the engine waits
     for the device once per hop (the copy of its pictures and codes to the host), reads no value back
     otherwise, copies nothing to the device in a way that would wait, and reads every stage's time only
-    after that wait; the times are those of the work (a renderer made 40 ms slower per call is seen so)."""
+    after that wait; the times are those of the work (a renderer made 40 ms slower per call is seen so).
+    static: windows and render batches padded to fixed shapes (as for CUDA graphs)."""
+    from avatar.pipeline import _bucketed
+
     models, codes = tiny
     models = replace(models)                        # its own _render, the shared modules
     draw, calls = models._render, []
@@ -382,7 +386,8 @@ def test_a_hop_waits_for_the_device_once_and_times_it_with_events(tiny, gpu_book
         calls.append(len(args[1]))
         time.sleep(0.04)
         return draw(*args)
-    models._render = slow_render
+    models._render = _bucketed(slow_render) if static else slow_render
+    models.static_shapes = static
     animator = StreamingAnimator(models, codes[0], replace(CONFIG, render_batch=CONFIG.hop))
     hops = []
     commit = animator.commit
