@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .device import synchronize, to_device, to_host
+from .device import StageTimer, index, to_device, to_host
 from .features import StreamingFeatures
 from .motion import MotionConfig, MotionStream, sample_windows
 from .pipeline import Controls, Models, PortraitCode, check_controls, control_names
@@ -47,11 +47,10 @@ class StreamConfig:
 @dataclass(frozen=True, eq=False)
 class Block:
     """A hop whose audio features are ready: frames [start, start + hop) (the features hold its lookahead
-    too); last: the end of the utterance. features_s: its share of the feature computation."""
+    too); last: the end of the utterance."""
     start: int
     feats: torch.Tensor
     last: bool
-    features_s: float
 
 
 class StreamingAnimator:
@@ -74,9 +73,11 @@ class StreamingAnimator:
                                           normalize=config.normalize, lookahead_rows=True, hubert=config.hubert)
         self.motion = MotionStream(models.stage2, code.wa, code.alpha0, MotionConfig(
             hop=config.hop, context=config.context, lookahead=config.lookahead, steps=config.steps,
-            continuity=config.continuity, seed=config.seed))
+            continuity=config.continuity, seed=config.seed), denoiser=models.denoiser, static=models.static_shapes)
         self.batch = config.render_batch or (config.hop if models.device.type == "cuda" else 1)
         self.timings = {"features": 0.0, "motion": 0.0, "render": 0.0}
+        # the stages' costs, on the session's clock (a GPU's: its events), read after each hop's one wait
+        self.timer = StageTimer(models.device, now)
         self.skipped = 0                            # frames not drawn for lack of time
         self._render_cost = deque(maxlen=8)         # seconds per drawn frame, recent
         self._hop_cost = deque(maxlen=4)            # features + motion seconds per hop, recent
@@ -110,6 +111,9 @@ class StreamingAnimator:
         self.controls = controls
 
     def _new_segment(self, frame: int) -> None:
+        # the new segment's features have no left context, so neither has its first motion window (it
+        # continues from the last code); without this, speech after a flush failed at its first hop
+        self.motion.reset(start=frame)
         self._origin = frame                        # global frame where this segment's audio starts
         self._audio = np.zeros(0, np.float32)       # segment audio not yet handed out with frames
         self._audio_frame = frame                   # global frame of self._audio[0]
@@ -132,15 +136,13 @@ class StreamingAnimator:
 
     def _hops(self, chunk):
         for block in self.accept(chunk):
-            t0 = self.now()
             window, x0 = self._timed("motion", lambda: (w := self.plan(block), sample_windows([w])[0]))
-            yield from self.frames(block, self.commit(block, window, x0, self.now() - t0))
+            yield from self.frames(block, self.commit(block, window, x0))
 
     def accept(self, chunk: AudioChunk | None) -> list[Block]:
         """Take a chunk of audio (None: the end of the utterance) -> the hops it completes, in order. The
         engine's work in three steps (plan, commit, frames) so that a shared engine can sample the hops
         of several sessions together (avatar/batch.py)."""
-        t0 = self.now()
         if chunk is not None:
             samples = np.asarray(chunk.samples, dtype=np.float32).reshape(-1)
             if chunk.due is not None:
@@ -156,9 +158,7 @@ class StreamingAnimator:
             self._audio = np.concatenate([self._audio, np.zeros(pad, np.float32)])
             if not ready:
                 self._new_segment(self.features.frames_done)
-        share = (self.now() - t0) / max(1, len(ready))
-        return [Block(start, feats, chunk is None and i == len(ready) - 1, share)
-                for i, (start, feats) in enumerate(ready)]
+        return [Block(start, feats, chunk is None and i == len(ready) - 1) for i, (start, feats) in enumerate(ready)]
 
     def _push_features(self, samples, idle):
         self.features.push(samples, idle=idle)
@@ -174,12 +174,21 @@ class StreamingAnimator:
         self._new_segment(self.features.frames_done)
 
     def _timed(self, stage, fn, *args):
-        t0 = time.perf_counter()
-        with self.models.autocast(), torch.inference_mode():   # bf16 mode: HuBERT, denoiser, renderer in bf16
-            out = fn(*args)
-        synchronize(self.models.device)        # a GPU's queued work is part of this stage's cost
-        self.timings[stage] += time.perf_counter() - t0
-        return out
+        # bf16 mode: HuBERT, denoiser, renderer in bf16; no wait for a GPU here (the Span's events)
+        with self.timer.stage(stage), self.models.autocast(), torch.inference_mode():
+            return fn(*args)
+
+    def _settle(self, drawn: int) -> None:
+        """After a wait for the device (to_host): the stages timed since the last one have run, so their
+        seconds count now: into ``timings``, a hop's features and motion into the hop cost the next hops
+        plan with, and the render's seconds over the ``drawn`` frames into the cost of a frame."""
+        spent = self.timer.read()
+        for stage, seconds in spent.items():
+            self.timings[stage] += seconds
+        if "motion" in spent:                       # a hop's motion (and the features since the last hop)
+            self._hop_cost.append(spent["motion"] + spent.get("features", 0.0))
+        if drawn:
+            self._drew(drawn, spent.get("render", 0.0))
 
     def plan(self, block: Block):
         """The block's motion window: its features with the committed context's in front (kept here)."""
@@ -193,7 +202,7 @@ class StreamingAnimator:
         return self.motion.plan(block.start, feats[None],
                                 self._window_controls(block.start), final=block.last)
 
-    def commit(self, block: Block, window, x0: torch.Tensor, motion_s: float) -> torch.Tensor:
+    def commit(self, block: Block, window, x0: torch.Tensor) -> torch.Tensor:
         """The sampled window's new codes (h, M); its features become the next window's context."""
         codes = self.motion.commit(window, x0)
         rows = 2 if self.models.stage2.dims.audio == "hubert" else 4
@@ -203,7 +212,6 @@ class StreamingAnimator:
         keep = rows * self.config.context
         self._ctx_feats = committed.narrow(axis, max(0, committed.shape[axis] - keep),
                                            min(keep, committed.shape[axis]))
-        self._hop_cost.append(block.features_s + motion_s)
         return codes
 
     def _window_controls(self, start: int) -> dict:
@@ -241,15 +249,14 @@ class StreamingAnimator:
             draw = self._choose(group, limit)
             images = {}
             if draw:
-                t0 = self.now()
-                idx = torch.tensor([p - start for p in draw], device=codes.device)
+                idx = index([p - start for p in draw], codes.device)
                 imgs = self._timed("render", lambda: uint8_images(self.models._render(
                     self.code.wa, codes[idx], self.code.feats)))
-                host = to_host(imgs, *([codes.float()] if motion is None else []))
+                host = to_host(imgs, *([codes.float()] if motion is None else []))   # the hop's one wait
                 images, motion = dict(zip(draw, host[0])), host[1] if motion is None else motion
-                self._drew(len(draw), self.now() - t0)
-            if motion is None:
+            elif motion is None:
                 motion = to_host(codes.float())[0]
+            self._settle(len(draw))
             yield from self._emit(group, draw, images, motion, start)
         if block.last:
             self._new_segment(self.features.frames_done)
@@ -259,12 +266,11 @@ class StreamingAnimator:
         whole hop deciding at once (as a GPU draws it, in one batch)."""
         return self._choose(range(block.start, block.start + len(codes)), self._limit(block.start, codes, block.last))
 
-    def drawn_frames(self, block: Block, motion: np.ndarray, draw: list[int], images, seconds: float):
-        """The hop's frames when ``images`` (uint8, one per pts in ``draw``) were rendered elsewhere in
-        ``seconds`` (this session's share of a shared render); motion: the hop's codes, copied back with
-        them. As frames() otherwise."""
-        if draw:
-            self._drew(len(draw), seconds)
+    def drawn_frames(self, block: Block, motion: np.ndarray, draw: list[int], images):
+        """The hop's frames when ``images`` (uint8, one per pts in ``draw``) were rendered elsewhere (this
+        session's share of the shared stages added to ``timer``); motion: the hop's codes, copied back
+        with them. As frames() otherwise."""
+        self._settle(len(draw))
         yield from self._emit(range(block.start, block.start + len(motion)), draw, dict(zip(draw, images)),
                               motion, block.start)
         if block.last:

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import torch
 
-from .device import synchronize, to_host
+from .device import Span, index, to_host
 from .features import rows_of
 from .motion import sample_windows
 from .portrait import uint8_images
@@ -88,34 +88,31 @@ def _each(items, fn):
 
 def _hubert(jobs) -> None:
     """The deferred HuBERT windows of every session: those of one length in one model call; each block
-    then gets its rows (and its share of the time)."""
+    then gets its rows (and its session its share of the time)."""
     groups: dict = {}
     for job in jobs:
         for i, (x, lo, hi) in enumerate(job.hubert):
             groups.setdefault((id(job.port.animator.features._raw.model), len(x)), []).append((job, i, x, lo, hi))
     for reqs in groups.values():
         a0 = reqs[0][0].port.animator
-        t0 = a0.now()
-        try:
-            with a0.models.autocast(), torch.inference_mode():
-                states = a0.features._raw.states_batch([x for _, _, x, _, _ in reqs])
-        except Exception:               # noqa: BLE001 -- each alone, so only the failing session pays
-            states = []
-            for job, _, x, _, _ in reqs:
-                try:
-                    with a0.models.autocast(), torch.inference_mode():
-                        states.append(a0.features._raw.states_batch([x])[0])
-                except Exception as e:  # noqa: BLE001
-                    states.append(None)
-                    if job.ok:
-                        job.fail(e)
-        synchronize(a0.models.device)
-        share = (a0.now() - t0) / len(reqs)
+        with Span(a0.models.device, a0.now) as span:     # read after the first wave's wait
+            try:
+                with a0.models.autocast(), torch.inference_mode():
+                    states = a0.features._raw.states_batch([x for _, _, x, _, _ in reqs])
+            except Exception:           # noqa: BLE001 -- each alone, so only the failing session pays
+                states = []
+                for job, _, x, _, _ in reqs:
+                    try:
+                        with a0.models.autocast(), torch.inference_mode():
+                            states.append(a0.features._raw.states_batch([x])[0])
+                    except Exception as e:      # noqa: BLE001
+                        states.append(None)
+                        if job.ok:
+                            job.fail(e)
         for (job, i, _, lo, hi), st in zip(reqs, states):
             if job.ok and st is not None:
-                job.port.animator.timings["features"] += share
-                job.blocks[i] = replace(job.blocks[i], feats=rows_of(st, lo, hi),
-                                        features_s=job.blocks[i].features_s + share)
+                job.port.animator.timer.add("features", span, 1 / len(reqs))
+                job.blocks[i] = replace(job.blocks[i], feats=rows_of(st, lo, hi))
 
 
 def _wave(pairs) -> None:
@@ -123,18 +120,16 @@ def _wave(pairs) -> None:
     if not pairs:
         return
     a0 = pairs[0][0].port.animator
-    t0 = a0.now()
-    planned = _each(pairs, lambda job, block: job.port.animator.plan(block))      # (job, block, window)
-    try:
-        with a0.models.autocast(), torch.inference_mode():
-            sampled = [(*p, x0) for p, x0 in zip(planned, sample_windows([w for _, _, w in planned]))]
-    except Exception:                   # noqa: BLE001 -- find whose window it is: each alone
-        sampled = _each(planned, _sample_one)
-    synchronize(a0.models.device)       # the clock below measures the GPU's work, not its queueing
-    motion_s = a0.now() - t0
+    with Span(a0.models.device, a0.now) as span:    # read after the wave's one wait (in _render)
+        planned = _each(pairs, lambda job, block: job.port.animator.plan(block))      # (job, block, window)
+        try:
+            with a0.models.autocast(), torch.inference_mode():
+                sampled = [(*p, x0) for p, x0 in zip(planned, sample_windows([w for _, _, w in planned]))]
+        except Exception:               # noqa: BLE001 -- find whose window it is: each alone
+            sampled = _each(planned, _sample_one)
     for job, *_ in sampled:
-        job.port.animator.timings["motion"] += motion_s
-    committed = _each(sampled, lambda job, block, w, x0: job.port.animator.commit(block, w, x0, motion_s))
+        job.port.animator.timer.add("motion", span)       # each session's hop waited for all of it
+    committed = _each(sampled, lambda job, block, w, x0: job.port.animator.commit(block, w, x0))
     _render([(job, block, codes) for job, block, _, _, codes in committed])
 
 
@@ -150,29 +145,31 @@ def _render(hops) -> None:
         return
     draws = _each(hops, lambda job, block, codes: job.port.animator.to_draw(block, codes))
     a0 = hops[0][0].port.animator
-    models, t0 = a0.models, a0.now()
-    try:
-        images = _draw_all(models, [(job.port.animator, codes, block.start, d) for job, block, codes, d in draws])
-    except Exception:                   # noqa: BLE001 -- each alone, so only the failing session pays
-        images = {}
-        for job, block, codes, d in draws:
-            try:
-                images.update(_draw_all(models, [(job.port.animator, codes, block.start, d)]))
-            except Exception as e:      # noqa: BLE001
-                job.fail(e)
+    models = a0.models
+    with Span(models.device, a0.now) as span:
+        try:
+            images = _draw_all(models, [(job.port.animator, codes, block.start, d)
+                                        for job, block, codes, d in draws])
+        except Exception:               # noqa: BLE001 -- each alone, so only the failing session pays
+            images = {}
+            for job, block, codes, d in draws:
+                try:
+                    images.update(_draw_all(models, [(job.port.animator, codes, block.start, d)]))
+                except Exception as e:  # noqa: BLE001
+                    job.fail(e)
     keys = list(images)
+    # the wave's one wait: pictures and codes of every session, after which every Span can be read
     host = to_host(*(images[k] for k in keys), *(codes.float() for _, _, codes, _ in draws))
     images = dict(zip(keys, host))
     motions = host[len(keys):]
     n = sum(len(d) for *_, d in draws)
-    share = (a0.now() - t0) / max(n, 1)
     for (job, block, codes, d), motion in zip(draws, motions):
         if not job.ok:
             continue
         a = job.port.animator
-        a.timings["render"] += share * len(d)
+        a.timer.add("render", span, len(d) / max(n, 1))
         try:
-            for frame in a.drawn_frames(block, motion, d, images.get(id(a), []), share * len(d)):
+            for frame in a.drawn_frames(block, motion, d, images.get(id(a), [])):
                 job.frame(frame)
         except Exception as e:          # noqa: BLE001
             job.fail(e)
@@ -187,7 +184,7 @@ def _draw_all(models, hops) -> dict:
     wa, alphas, feats = [], [], []
     for a, codes, start, draw in hops:
         k = len(draw)
-        idx = torch.tensor([p - start for p in draw], device=codes.device)
+        idx = index([p - start for p in draw], codes.device)
         wa.append(a.code.wa.expand(k, -1))
         alphas.append(codes[idx])
         feats.append([f.expand(k, *f.shape[1:]) for f in a.code.feats])

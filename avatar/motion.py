@@ -35,6 +35,8 @@ from models.errors import AnitalkerError
 from models.sampler import ddim_sample, ddim_schedule
 from models.stage2 import Stage2
 
+from .device import to_device
+
 NOISE_BLOCK = 64          # frames per independently seeded noise block
 CONTINUITY = ("inpaint", "crossfade", "inpaint+crossfade", "none")
 
@@ -87,12 +89,17 @@ class MotionStream:
 
     wa: (1, style_dim), alpha0: (1, M) from the portrait. ``window(start)`` says which frames' audio
     ``step(start, ...)`` wants; ``timings`` holds the last step's seconds (condition, sample, total);
-    ``on_step`` is passed to ddim_sample for per-DDIM-step hooks.
+    ``on_step`` is passed to ddim_sample for per-DDIM-step hooks. denoiser: a compiled copy of
+    stage2.eps (Models.denoiser), None: stage2.eps. static: every window is sampled at one shape, padded
+    to ``frames_static`` frames (and batches of windows to 1, 2, 4, ... rows), so that a compiled denoiser
+    runs as one CUDA graph.
     """
 
     def __init__(self, stage2: Stage2, wa: Tensor, alpha0: Tensor, config: MotionConfig = MotionConfig(),
-                 on_step: Optional[Callable] = None):
+                 on_step: Optional[Callable] = None, denoiser: Optional[Callable] = None, static: bool = False):
         self.stage2, self.wa, self.alpha0, self.config = stage2, wa, alpha0, config
+        self.denoiser = denoiser                  # None: stage2.eps, looked up when sampling
+        self.frames_static = config.context + config.hop + config.lookahead if static else 0
         self.schedule = ddim_schedule(config.steps)
         self.on_step = on_step
         self.timings: dict = {}
@@ -144,7 +151,7 @@ class MotionStream:
             if name not in known:
                 raise AnitalkerError(f"the {self.stage2.dims.infer_type} model has no {name} control; "
                                      "use a pose_only or full_control model")
-            v = torch.as_tensor(v, dtype=torch.float32, device=self.wa.device).reshape(-1, known[name])
+            v = to_device(torch.as_tensor(v, dtype=torch.float32), self.wa.device).reshape(-1, known[name])
             if len(v) == 1:
                 v = v.expand(frames, -1)
             if len(v) != frames:
@@ -178,7 +185,7 @@ class MotionStream:
             raise ValueError(f"{n} audio frames cannot hold {n_ctx} context + {max(h, 1)} new frames")
         lo = start - n_ctx
         return Window(self, start, n, n_ctx, h, self.tail[:, -n_ctx - 1], self.tail[:, self.tail.shape[1] - n_ctx:],
-                      motion_noise(cfg.seed, lo, lo + n, self.alpha0.shape[-1]).to(self.wa.device), audio,
+                      to_device(motion_noise(cfg.seed, lo, lo + n, self.alpha0.shape[-1]), self.wa.device), audio,
                       self._controls(controls, n))
 
     def commit(self, window: Window, x0: Tensor) -> Tensor:
@@ -216,7 +223,7 @@ class Window:
         """Windows with the same key are sampled as one batch: the same model, steps, shape and controls."""
         s = self.stream
         return (id(s.stage2), s.config.steps, s.config.continuity, self.n, self.n_ctx, tuple(self.audio.shape[1:]),
-                tuple(sorted(self.controls)))
+                tuple(sorted(self.controls)), s.denoiser, s.frames_static)
 
 
 @torch.inference_mode()
@@ -235,15 +242,27 @@ def sample_windows(windows: list[Window], on_step: Optional[Callable] = None) ->
         cond = first.stage2.condition(cat([w.stream.wa for w in ws]), cat([w.hint for w in ws]),
                                       cat([w.audio for w in ws]),
                                       **{k: cat([w.controls[k] for w in ws]) for k in ws[0].controls})
-        x_T = cat([w.x_T for w in ws])
-        denoise = lambda x, t, cond=cond: first.stage2.eps(cond, x, t).float()   # noqa: E731  (fp32 sampler under autocast)
+        x_T, context = cat([w.x_T for w in ws]), cat([w.context for w in ws])
+        n, frames = ws[0].n, max(first.frames_static, ws[0].n)
+        if first.frames_static:             # one shape for every window: a CUDA graph replays it
+            cond = first.stage2.pad(cond, frames)
+            rows = 1 << (len(ws) - 1).bit_length()                # sessions: 1, 2, 4, 8, ... rows
+            cond.prefix, x_T, context = (_repeat_last(t, rows) for t in (cond.prefix, x_T, context))
+            x_T = torch.nn.functional.pad(x_T, (0, 0, 0, frames - n))
+        eps = first.denoiser or first.stage2.eps
+        denoise = lambda x, t, cond=cond: eps(cond, x, t).float()   # noqa: E731  (fp32 sampler under autocast)
         n_ctx = ws[0].n_ctx
         if "inpaint" in first.config.continuity and n_ctx:
-            denoise = _inpainting(denoise, first.schedule, cat([w.context for w in ws]), x_T[:, :n_ctx])
-        x0 = ddim_sample(denoise, x_T, first.schedule, on_step=on_step)
+            denoise = _inpainting(denoise, first.schedule, context, x_T[:, :n_ctx])
+        x0 = ddim_sample(denoise, x_T, first.schedule, on_step=on_step)[:, :n]
         for j, i in enumerate(idx):
             out[i] = x0[j:j + 1]
     return [out[i] for i in range(len(windows))]
+
+
+def _repeat_last(t: Tensor, rows: int) -> Tensor:
+    """t (B, ...) with its last row repeated up to ``rows`` rows (a batch-1 tensor broadcasts: kept)."""
+    return t if len(t) in (1, rows) else torch.cat([t, t[-1:].expand(rows - len(t), *t.shape[1:])])
 
 
 def _inpainting(denoise, schedule, known: Tensor, noise: Tensor):

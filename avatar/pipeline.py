@@ -144,7 +144,11 @@ class Models:
                 self.stage1.set_upsampling(self.speed.upsampling)
             self.upsampling = self.speed.upsampling
         self._render = self.stage1.render
-        if self.speed.compile:
+        self.denoiser = None            # a compiled stage2.eps (compile_graphs); None: stage2.eps itself
+        self.static_shapes = False      # the engine pads windows and render batches to fixed shapes
+        if self.speed.compile and self.device.type == "cuda":
+            compile_graphs(self, mode="reduce-overhead")
+        elif self.speed.compile:
             self._render = _per_frame(compile_frozen(self.stage1.render))
 
     @functools.cached_property
@@ -196,6 +200,31 @@ def _per_frame(render):
         one = lambda t, i: t if t.shape[0] == 1 else t[i:i + 1]      # noqa: E731
         return torch.cat([render(one(wa, i), alpha[i:i + 1], [one(f, i) for f in feats])
                           for i in range(alpha.shape[0])])
+    return call
+
+
+def compile_graphs(models: Models, **options) -> None:
+    """Compile the denoiser and the renderer for fixed shapes (dynamic=False, torch.compile ``options``),
+    and have the engine pad its DDIM windows (avatar.motion) and render batches (``_bucketed``) to those
+    shapes: with mode="reduce-overhead" on a GPU each shape is captured once as a CUDA graph and then
+    replayed, one launch per call instead of a kernel launch per operation."""
+    models.static_shapes = True
+    if models.stage2 is not None:
+        models.denoiser = torch.compile(models.stage2.eps, dynamic=False, **options)
+    models._render = _bucketed(torch.compile(models.stage1.render, dynamic=False, **options))
+
+
+def _bucketed(render, unit: int = 10):
+    """render(wa, alpha, feats) at a few batch sizes only: unit, 2 unit, 4 unit, ... frames (unit: a hop;
+    several sessions' hops stack). The rows past alpha's are copies of its last frame, cut off again: a
+    frame's picture depends on its own row only."""
+    @functools.wraps(render)
+    def call(wa, alpha, feats):
+        k = len(alpha)
+        size = unit * (1 << (-(-k // unit) - 1).bit_length())
+        idx = torch.arange(size, device=alpha.device).clamp_(max=k - 1)
+        rows = lambda t: t if t.shape[0] == 1 else t[idx]     # noqa: E731  (batch 1 broadcasts)
+        return render(rows(wa), alpha[idx], [rows(f) for f in feats])[:k]
     return call
 
 

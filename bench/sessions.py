@@ -1,7 +1,7 @@
 """Many avatars on one engine: N sessions, each its own portrait state and speech, on one EngineWorker.
 
     python bench/sessions.py [--sessions 1,2,4,8,16,32] [--dims tiny|full] [--device cpu|cuda]
-                             [--seconds 4] [--batch auto|on|off] [--quick]
+                             [--seconds 4] [--batch auto|on|off] [--compile] [--quick]
 
 For each N, N Sessions (real time) share one engine worker. Each idles for a moment (staggered, as
 clients arrive), then is fed the bundled sentence (avatar/assets/sentence.wav) in 20 ms chunks at the pace
@@ -9,8 +9,10 @@ of real time, for --seconds, and runs one second past it. Reported per N: aggreg
 frames/s drawn (pictures the engine made, not held or repeated), the latency from the first speech
 sample's arrival to the frame that holds it (p50 / p95 over sessions), the per-frame latency p95, held and
 skipped frames, the process's peak RSS and the GPU's peak memory. Random weights (tiny: configs/tiny.yaml;
-full: the published sizes): the speed is that of the real models. Writes JSON (bench/results/sessions.json)
-and prints a table. --quick: tiny dims, N = 1, 2, 1 s of speech (a smoke run).
+full: the published sizes): the speed is that of the real models. Writes JSON (bench/results/sessions.json,
+rewritten after every N, so a run stopped by a time limit keeps the rows it finished) and prints a table.
+--compile: Speed.compile (on a GPU: the denoiser and renderer as CUDA graphs at fixed shapes; each new
+batch size compiles once, inside the first N that meets it). --quick: tiny dims, N = 1, 2, 1 s of speech.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ HUBERT_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=
                     feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True)
 
 
-def build_models(dims: str, device: str, precision) -> Models:
+def build_models(dims: str, device: str, precision, compiled: bool = False) -> Models:
     from transformers import HubertConfig, HubertModel
     from models.precision import prepare_bf16
 
@@ -55,7 +57,7 @@ def build_models(dims: str, device: str, precision) -> Models:
         hubert = HubertModel(HubertConfig(**tiny["hubert"]))
     else:
         s1, s2, hubert = Stage1(), Stage2(Stage2Dims()), HubertModel(HubertConfig(**HUBERT_LARGE))
-    speed = Speed(precision=precision)
+    speed = Speed(precision=precision, compile=compiled)
     s2, hubert = s2.eval().to(dev), hubert.eval().to(dev)
     if speed.resolve(dev).precision == "bf16":
         prepare_bf16(s2)
@@ -118,6 +120,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=4.0, help="speech per session")
     p.add_argument("--batch", choices=["auto", "on", "off"], default="auto",
                    help="batch the sessions' work (auto: on a GPU only)")
+    p.add_argument("--compile", action="store_true", help="Speed.compile: CUDA graphs on a GPU")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny dims, N = 1, 2, 1 s of speech")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "sessions.json"))
@@ -126,7 +129,7 @@ def main() -> None:
         args.dims, args.sessions, args.seconds = "tiny", "1,2", 1.0
     torch.set_num_threads(args.threads)
     batch = {"auto": None, "on": True, "off": False}[args.batch]
-    models = build_models(args.dims, args.device, args.precision)
+    models = build_models(args.dims, args.device, args.precision, args.compile)
     image = to_tensor(prepare_portrait(load_image(asset_path("portrait.jpg"))).image)
     photos = [image, image.flip(-1), image * 0.8]
     wave = load_audio(asset_path("sentence.wav"))
@@ -136,14 +139,16 @@ def main() -> None:
     dev = models.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {args.threads} threads"
     rows = []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for n in (int(x) for x in args.sessions.split(",")):
         rows.append(asyncio.run(run_n(n, models, photos, wave, args.seconds, batch)))
         print(f"  N={n}: {rows[-1]['aggregate_drawn_fps']} frames/s drawn in all", file=sys.stderr)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(bench="sessions", dims=args.dims, device=name,
-                                              precision=models.speed.precision, seconds=args.seconds,
-                                              torch=torch.__version__, rows=rows), indent=2))
-    print(f"{args.dims} dims, {models.speed.precision}, {name}, {args.seconds:g} s of speech per session")
+        Path(args.out).write_text(json.dumps(dict(bench="sessions", dims=args.dims, device=name,
+                                                  precision=models.speed.precision, compile=models.speed.compile,
+                                                  seconds=args.seconds, torch=torch.__version__, rows=rows),
+                                             indent=2))
+    mode = models.speed.precision + (" + compile" if models.speed.compile else "")
+    print(f"{args.dims} dims, {mode}, {name}, {args.seconds:g} s of speech per session")
     head = ["N", "batched", "drawn fps", "per session", "min", "first p50", "first p95", "lat p95",
             "held", "skipped", "RSS MB"] + (["GPU MB"] if "gpu_peak_mb" in rows[0] else [])
     print("".join(f"{h:>12}" for h in head))

@@ -117,6 +117,16 @@ def mfcc_model_input(feats) -> tuple[torch.Tensor, int]:
 # HuBERT
 
 
+def queued(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """x on ``device``; a CPU tensor goes to a GPU through pinned memory, queued behind the GPU's work
+    without making the host wait for it (a copy from pageable memory would). avatar.device.to_device."""
+    if x.device == device:
+        return x
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 class HubertFrontend:
     """A transformers HubertModel plus the official pre/post-processing."""
 
@@ -153,7 +163,7 @@ class HubertFrontend:
         if self.do_normalize:
             xs = [normalize_wave(x) for x in xs]
         x = torch.from_numpy(xs[0])[None] if len(xs) == 1 else torch.from_numpy(np.stack(xs))
-        out = self.model(x.to(self.device), output_hidden_states=True)
+        out = self.model(queued(x, self.device), output_hidden_states=True)
         states = torch.stack(list(out.hidden_states[:-1]) + [out.last_hidden_state])   # (L+1, B, T, H)
         states = torch.cat([states, states[:, :, -1:]], dim=2)   # demo: np.pad(..., 'edge') by one frame
         return [states[:, b] for b in range(len(xs))]
@@ -217,7 +227,7 @@ class IncrementalHubert:
         """(N,) samples of the new rows (already normalised) -> (L+1, T50 + 1, H) float32 states."""
         m, dt = self.model, self.dtype
         dev = next(m.parameters()).device
-        x = torch.as_tensor(np.asarray(wave, dtype=np.float32).reshape(-1), device=dev)
+        x = queued(torch.from_numpy(np.asarray(wave, dtype=np.float32).reshape(-1)), dev)
         feats = m.feature_extractor(x[None].to(m.feature_extractor.conv_layers[0].conv.weight.dtype))
         fp, feats = m.feature_projection, feats.transpose(1, 2).float()
         if fp.feat_proj_layer_norm:

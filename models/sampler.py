@@ -7,6 +7,7 @@ the clamp of x0 to [-1, 1] makes those roundings visible at t close to T.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -54,6 +55,7 @@ def nearby_step_counts(steps: int, T: int = 1000) -> list[int]:
     return [n for n in valid if n < steps][-3:] + [n for n in valid if n > steps][:3]
 
 
+@functools.lru_cache(maxsize=None)   # one Schedule per setting: its device tables are then copied once a process
 def ddim_schedule(steps: int, T: int = 1000, beta_start: float = 1e-4,
                   beta_end: float = 0.02) -> Schedule:
     """Linear-beta process respaced to ``steps`` evenly strided steps ("ddimN" respacing).

@@ -12,7 +12,7 @@ by ``condition()``; ``eps()`` is the per-step part. ``forward()`` is the officia
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -113,8 +113,9 @@ class RelSelfAttention(nn.Module):
         """(1, 2T-1, D) table -> (1, h, 2T-1, dk); independent of the input, hence cacheable."""
         return self.linear_pos(pos).view(pos.shape[0], -1, self.h, self.dk).transpose(1, 2)
 
-    def forward(self, x: Tensor, p: Tensor) -> Tensor:
-        """x (B, T, D), p = project_pos(table) -> (B, T, D). No mask: full bidirectional."""
+    def forward(self, x: Tensor, p: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        """x (B, T, D), p = project_pos(table) -> (B, T, D). Full bidirectional; valid (1|B, T) bool, if
+        given: frames that are False are padding, which no frame attends to."""
         B, T, D = x.shape
         q = self.linear_q(x).view(B, T, self.h, self.dk)
         k = self.linear_k(x).view(B, T, self.h, self.dk).transpose(1, 2)
@@ -125,7 +126,10 @@ class RelSelfAttention(nn.Module):
         # table index (T-1) - i + j (the table starts at position T-1).
         idx = (T - 1) - torch.arange(T, device=x.device)[:, None] + torch.arange(T, device=x.device)
         bd = bd.gather(-1, idx.expand(B, self.h, T, T))
-        attn = self.drop(torch.softmax((ac + bd) / math.sqrt(self.dk), dim=-1))
+        scores = (ac + bd) / math.sqrt(self.dk)
+        if valid is not None:
+            scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        attn = self.drop(torch.softmax(scores, dim=-1))
         return self.linear_out((attn @ v).transpose(1, 2).reshape(B, T, D))
 
 
@@ -139,9 +143,12 @@ class ConvModule(nn.Module):
         self.norm = nn.BatchNorm1d(d)   # eval: running statistics, eps 1e-5
         self.pointwise_conv2 = nn.Conv1d(d, d, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, T, C) -> (B, T, C)."""
+    def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        """(B, T, C) -> (B, T, C); padding frames (valid False) enter the depthwise conv as zeros, as the
+        conv's own padding past the last frame does."""
         x = F.glu(self.pointwise_conv1(x.transpose(1, 2)), dim=1)
+        if valid is not None:
+            x = x.masked_fill(~valid[:, None, :], 0.0)
         x = F.silu(self.norm(self.depthwise_conv(x)))
         return self.pointwise_conv2(x).transpose(1, 2)
 
@@ -160,10 +167,10 @@ class ConformerBlock(nn.Module):
         self.norm_conv, self.norm_final = ln(), ln()
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, p: Tensor) -> Tensor:
+    def forward(self, x: Tensor, p: Tensor, valid: Optional[Tensor] = None) -> Tensor:
         x = self.norm_ff_macaron(x + 0.5 * self.drop(self.feed_forward_macaron(x)))
-        x = self.norm_mha(x + self.drop(self.self_attn(x, p)))
-        x = self.norm_conv(x + self.drop(self.conv_module(x)))
+        x = self.norm_mha(x + self.drop(self.self_attn(x, p, valid)))
+        x = self.norm_conv(x + self.drop(self.conv_module(x, valid)))
         x = self.norm_ff(x + 0.5 * self.drop(self.feed_forward(x)))
         return self.norm_final(x)
 
@@ -182,13 +189,15 @@ class Conformer(nn.Module):
         pe = self.drop(rel_positions(T, self.d, like.device, like.dtype))
         return [blk.self_attn.project_pos(pe) for blk in self.encoders]
 
-    def forward(self, x: Tensor, pos: Optional[list[Tensor]] = None) -> Tensor:
-        """(B, T, d) -> (B, T, d); pos from positions(T) may be passed in to reuse it."""
+    def forward(self, x: Tensor, pos: Optional[list[Tensor]] = None, valid: Optional[Tensor] = None) -> Tensor:
+        """(B, T, d) -> (B, T, d); pos from positions(T) may be passed in to reuse it. valid (1|B, T) bool:
+        frames that are False are padding, which the other frames do not see (per-frame layers aside,
+        attention and the convolutions are the only places frames meet)."""
         if pos is None:
             pos = self.positions(x.shape[1], x)
         x = self.drop(x * math.sqrt(self.d))
         for blk, p in zip(self.encoders, pos):
-            x = blk(x, p)
+            x = blk(x, p, valid)
         return x
 
 
@@ -217,12 +226,14 @@ class Condition:
     location: (B, F, 1), scale: (B, F, 1), pose: (B, F, 3): the controls used (given or
               predicted); for controls without an adapter, whatever was given (maybe None)
     positions: the decoder's projected rel-pos tables for F frames (one per block)
+    valid:    (1, F) bool when the last frames are padding (Stage2.pad), else None
     """
     prefix: Tensor
     location: Optional[Tensor]
     scale: Optional[Tensor]
     pose: Optional[Tensor]
     positions: list[Tensor]
+    valid: Optional[Tensor] = None
 
     @property
     def frames(self) -> int:
@@ -300,7 +311,16 @@ class Stage2(nn.Module):
         t = torch.as_tensor(t, device=x_t.device).reshape(-1, 1).to(x_t.dtype).expand(B, 1)
         h = torch.cat([cond.prefix.expand(B, -1, -1), self.noisy_encoder(x_t),
                        self.t_encoder(t).unsqueeze(1).expand(B, T, -1)], dim=-1)
-        return self.out_proj(self.coarse_decoder(h, cond.positions))
+        return self.out_proj(self.coarse_decoder(h, cond.positions, cond.valid))
+
+    def pad(self, cond: Condition, frames: int) -> Condition:
+        """cond for x_t of ``frames`` >= cond.frames frames, the frames past cond.frames padding: the
+        decoder masks them out, so the first frames' eps are as without them (up to the rounding of
+        longer sums). Every window then has one shape, which a CUDA graph needs."""
+        T = cond.frames
+        prefix = F.pad(cond.prefix, (0, 0, 0, frames - T))
+        valid = (torch.arange(frames, device=prefix.device) < T)[None]
+        return replace(cond, prefix=prefix, positions=self.coarse_decoder.positions(frames, prefix), valid=valid)
 
     def forward(self, wa: Tensor, alpha0: Tensor, audio: Tensor, location: Tensor, scale: Tensor,
                 pose: Tensor, x_t: Tensor, t: Tensor, control: bool):

@@ -98,8 +98,9 @@ def add_model_args(p: argparse.ArgumentParser, audio: bool = True) -> None:
                    "bf16 is about 1.3-2x faster "
                    "on CPUs with native bf16 (AVX-512 BF16, AMX) and GPUs and differs by a few grey levels "
                    "(README), but much slower where bf16 is emulated; auto: bf16 where native, else fp32")
-    g.add_argument("--compile", action="store_true", help="torch.compile the renderer (and for reenact the motion "
-                   "encoder): faster per frame after a one-off warm-up of tens of seconds")
+    g.add_argument("--compile", action="store_true", help="torch.compile the renderer (on a GPU the DDIM denoiser too, "
+                   "both as CUDA graphs; for reenact the motion encoder): faster per frame after a one-off "
+                   "warm-up of tens of seconds")
     g.add_argument("--upsampling", default="transposed", choices=["transposed", "subpixel", "auto"],
                    help="the renderer's upsampling convs as the official transposed convs (default) or as the "
                    "equal regular convs (subpixel); auto times both at start and keeps the faster per layer")

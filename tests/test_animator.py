@@ -89,6 +89,19 @@ def test_reset_drops_pending_audio_and_keeps_the_last_code(engine):
     assert [f.pts for f in more] == list(range(frames[-1].pts + 1, frames[-1].pts + 21))
 
 
+def test_speech_after_the_end_of_an_utterance_starts_a_new_segment(engine):
+    """After flush(), more speech is a new segment: its first window has no context (its features have
+    none) and continues from the last code; its frames follow on."""
+    animator, frames = stream(engine, tone(1.0), 640)
+    last = animator.motion.last_code.clone()
+    hints = []
+    plan = animator.motion.plan
+    animator.motion.plan = lambda *a, **k: (lambda w: (hints.append((w.n_ctx, w.hint)), w)[1])(plan(*a, **k))
+    more = animator.push(AudioChunk(tone(0.8), 0)) + animator.flush()
+    assert [f.pts for f in more] == list(range(len(frames), len(frames) + 20))
+    assert hints[0][0] == 0 and torch.equal(hints[0][1], last)
+
+
 def test_reset_continues_from_the_frame_the_viewer_saw_last(engine):
     """Frames carry their motion code; reset(last) makes that code the next window's hint, so frames that
     were computed but never shown do not pull the head along."""

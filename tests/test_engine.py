@@ -3,6 +3,8 @@ session, and the worker serves every session in turn. Tiny random-weight models,
 from __future__ import annotations
 
 import asyncio
+import time
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -285,3 +287,242 @@ def test_on_a_gpu_sessions_share_one_engine_in_bf16(tiny_checkpoints):
     frames, errors, _ = on_worker(worker, engines, waves())
     assert worker.batch is True and errors == [[], [], []]
     assert all(len(f) == 33 and f[-1].image.dtype == np.uint8 for f in frames)
+
+
+class FakeEvent:
+    """A CUDA event on the CPU: its time is taken at record() (a CPU's work has run by then) and, as a real
+    event's, it can be read only after the host has waited for the stream (to_host)."""
+    recorded: list = []
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        self.t, self.done = None, False
+
+    def record(self, stream=None):
+        self.t, self.done = time.perf_counter(), False
+        FakeEvent.recorded.append(self)
+
+    def elapsed_time(self, end):
+        if not (self.done and end.done):
+            raise RuntimeError("a span was read before the wait that follows its work")
+        return 1000 * (end.t - self.t)
+
+
+def caller() -> str:
+    """file:line of the code that called the patched function (for the failure message)."""
+    import traceback
+    frame = traceback.extract_stack(limit=3)[0]
+    return f"{frame.filename}:{frame.lineno}"
+
+
+@pytest.fixture
+def gpu_books(tiny, monkeypatch):
+    """The engine's GPU bookkeeping on the CPU: Spans use (fake) CUDA events; every wait for the device
+    (to_host), every value read back to the host outside it and every copy to the device that would wait
+    (a pageable .to(device), torch.tensor(..., device=)) is counted. The DDIM tables are already on the
+    device (once a process: models.sampler.Schedule.tables)."""
+    import avatar.animator
+    import avatar.batch
+    import avatar.device
+    from models.sampler import ddim_schedule
+
+    ddim_schedule(CONFIG.steps).tables(tiny[0].device)
+    books = {"waits": 0, "reads": [], "blocking_copies": []}
+    FakeEvent.recorded = []
+    monkeypatch.setattr(avatar.device, "uses_events", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    inside = []
+    original_to_host = avatar.device.to_host
+
+    def to_host(*tensors):
+        books["waits"] += 1
+        for e in FakeEvent.recorded:       # what a real wait guarantees: every recorded event has run
+            e.done = True
+        inside.append(1)
+        try:
+            return original_to_host(*tensors)
+        finally:
+            inside.pop()
+    monkeypatch.setattr(avatar.animator, "to_host", to_host)
+    monkeypatch.setattr(avatar.batch, "to_host", to_host)
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k:
+                            (inside or books["reads"].append(f"{_n} at {caller()}"), _f(self, *a, **k))[1])
+    to = torch.Tensor.to
+
+    def checked_to(self, *args, **kw):
+        target = [a for a in args if isinstance(a, (torch.device, str))] + [kw.get("device")]
+        if self.device.type == "cpu" and any(d is not None for d in target) and not kw.get("non_blocking"):
+            books["blocking_copies"].append(f".to{args} at {caller()}")
+        return to(self, *args, **kw)
+    monkeypatch.setattr(torch.Tensor, "to", checked_to)
+    for name in ("tensor", "as_tensor"):
+        make = getattr(torch, name)
+
+        def checked(data, *args, _make=make, _n=name, **kw):
+            if kw.get("device") is not None and not (isinstance(data, torch.Tensor) and data.device == kw["device"]):
+                books["blocking_copies"].append(f"torch.{_n}(..., device=) at {caller()}")
+            return _make(data, *args, **kw)
+        monkeypatch.setattr(torch, name, checked)
+    return books
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_hop_waits_for_the_device_once_and_times_it_with_events(tiny, gpu_books, monkeypatch, static):
+    """As on a GPU (Spans on events, the whole hop rendered in one batch): over a stream, the engine waits
+    for the device once per hop (the copy of its pictures and codes to the host), reads no value back
+    otherwise, copies nothing to the device in a way that would wait, and reads every stage's time only
+    after that wait; the times are those of the work (a renderer made 40 ms slower per call is seen so).
+    static: windows and render batches padded to fixed shapes (as for CUDA graphs)."""
+    from avatar.pipeline import _bucketed
+
+    models, codes = tiny
+    models = replace(models)                        # its own _render, the shared modules
+    draw, calls = models._render, []
+
+    def slow_render(*args):
+        calls.append(len(args[1]))
+        time.sleep(0.04)
+        return draw(*args)
+    models._render = _bucketed(slow_render) if static else slow_render
+    models.static_shapes = static
+    animator = StreamingAnimator(models, codes[0], replace(CONFIG, render_batch=CONFIG.hop))
+    hops = []
+    commit = animator.commit
+    monkeypatch.setattr(animator, "commit", lambda *a: (hops.append(1), commit(*a))[1])
+    frames = alone(animator, waves(1)[0])
+    assert len(frames) == 33 and len(hops) == 7 and len(calls) == 7
+    assert gpu_books["waits"] == len(hops)
+    assert gpu_books["reads"] == [] and gpu_books["blocking_copies"] == []
+    t = animator.timings
+    assert t["features"] > 0 and t["motion"] > 0 and t["render"] >= 0.04 * len(calls)
+    assert min(animator._render_cost) >= 0.04 / CONFIG.hop         # seconds per frame of a 5-frame batch
+    assert len(animator._hop_cost) == 4 and min(animator._hop_cost) > 0
+
+
+def test_batched_sessions_wait_for_the_device_once_per_wave(tiny, gpu_books):
+    """Three sessions batched on one worker: one wait per wave (the j-th hop of every session, sampled and
+    rendered together), no other read back or waiting copy, and each session's stages still timed."""
+    engines = animators(tiny)
+    frames, errors, _ = on_worker(EngineWorker(batch=True), engines, waves())
+    assert errors == [[], [], []] and all(len(f) == 33 for f in frames)
+    assert 1 <= gpu_books["waits"] <= 7                           # 7 hops a session, in waves of 3
+    assert gpu_books["reads"] == [] and gpu_books["blocking_copies"] == []
+    for a in engines:
+        assert min(a.timings.values()) > 0 and a._render_cost and a._hop_cost
+
+
+def test_padded_windows_and_render_batches_keep_the_real_frames(tiny):
+    """Padding a window to the full length (its last frames masked out of attention and the convolutions)
+    and a render batch to a fixed size leaves the real frames as they were, up to the rounding of longer
+    sums: the denoiser's eps, and a whole stream's codes and pictures."""
+    from avatar.pipeline import _bucketed
+    from models.sampler import ddim_schedule
+
+    models, codes = tiny
+    s2 = models.stage2
+    g = torch.Generator().manual_seed(0)
+    audio = torch.randn(1, s2.dims.hubert_layers, 2 * 7, s2.dims.hubert_dim, generator=g)
+    with torch.inference_mode():
+        cond = s2.condition(codes[0].wa, codes[0].alpha0, audio)
+        x = torch.randn(1, 7, s2.dims.motion_dim, generator=g)
+        t = ddim_schedule(CONFIG.steps).timesteps[-1:]
+        eps = s2.eps(cond, x, t)
+        padded = s2.eps(s2.pad(cond, 12), torch.cat([x, torch.randn(1, 5, x.shape[2], generator=g)], 1), t)
+    assert padded.shape[1] == 12
+    np.testing.assert_allclose(padded[:, :7], eps, atol=1e-5)
+
+    static = replace(models)
+    static.static_shapes, static._render = True, _bucketed(static.stage1.render)
+    config = replace(CONFIG, render_batch=CONFIG.hop)
+    want = alone(StreamingAnimator(models, codes[0], config), waves(1)[0])
+    got = alone(StreamingAnimator(static, codes[0], config), waves(1)[0])
+    assert [f.pts for f in got] == [f.pts for f in want]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.meta["motion"], b.meta["motion"], atol=1e-5)
+        assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 1
+
+
+def test_compiled_windows_and_renders_keep_one_shape_over_a_stream(tiny):
+    """With Models compiled for fixed shapes (compile_graphs, as on a GPU, here with a backend that only
+    counts what dynamo compiles): after a first utterance, another of a different length and one after an
+    interrupt compile nothing more, so no window (the first without context, the final partial one) and
+    no render batch has a shape of its own. Batched sessions: windows stack in batches of 1, 2, 4, ...,
+    so a second round of as many sessions compiles nothing either."""
+    from avatar.pipeline import compile_graphs
+
+    models, codes = tiny
+    graphs, windows = [], []
+
+    def counting(gm, inputs):
+        graphs.append([tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)])
+        return gm.forward
+    static = replace(models)
+    torch._dynamo.reset()
+    compile_graphs(static, backend=counting)
+    denoiser = static.denoiser
+    static.denoiser = lambda cond, x, t: (windows.append(tuple(x.shape)), denoiser(cond, x, t))[1]
+    config = replace(CONFIG, render_batch=CONFIG.hop)
+    animator = StreamingAnimator(static, codes[0], config)
+    first = alone(animator, waves(1, seconds=1.3)[0])
+    warm = len(graphs)
+    assert warm >= 2 and len(first) == 33
+    second = alone(animator, waves(1, seconds=0.9)[0])          # another final window length
+    animator.reset(second[-1])
+    third = alone(animator, waves(1, seconds=1.1)[0])           # after an interrupt: no context
+    assert len(second) == 23 and len(third) == 28 and len(graphs) == warm
+    n = CONFIG.context + CONFIG.hop + CONFIG.lookahead
+    assert set(windows) == {(1, n, windows[0][2])}
+
+    def batched(k, seconds):
+        engines = [StreamingAnimator(static, codes[i % 3], replace(config, seed=i)) for i in range(k)]
+        frames, errors, _ = on_worker(EngineWorker(batch=True), engines, waves(k, seconds))
+        assert errors == [[]] * k and len(frames[0]) > 20
+    batched(3, 1.3)
+    warm = len(graphs)
+    batched(3, 0.9)
+    assert len(graphs) == warm
+    assert {b for b, *_ in windows} == {1, 4} and {f for _, f, _ in windows} == {n}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_compiled_hops_keep_one_shape_and_wait_once(tiny_checkpoints, monkeypatch):
+    """On CUDA with Speed.compile: the denoiser and the renderer run as CUDA graphs at fixed shapes. After
+    a first utterance (compiling and capturing), another of a different length and one after an interrupt
+    compile nothing more; torch's sync debug mode sees at most one synchronising call a hop; the frames
+    match the uncompiled engine (fp32, TF32 off); the stages' times are non-zero."""
+    from avatar.pipeline import Speed
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch._dynamo.reset()
+    fast = load_models(tiny_checkpoints, "hubert_audio_only", "cuda", Speed(precision="fp32", compile=True))
+    plain = load_models(tiny_checkpoints, "hubert_audio_only", "cuda", Speed(precision="fp32"))
+    assert fast.static_shapes and not plain.static_shapes
+    image = to_tensor(prepare_portrait(load_image(asset_path("portrait.jpg"))).image)
+    out = {}
+    for name, models in (("fast", fast), ("plain", plain)):
+        animator = StreamingAnimator(models, encode_portrait(models, image), CONFIG)
+        first = alone(animator, waves(1, seconds=1.3)[0])
+        graphs = counters["stats"]["unique_graphs"]
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                second = alone(animator, waves(1, seconds=0.9)[0])
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        animator.reset(second[-1])
+        third = alone(animator, waves(1, seconds=1.1)[0])
+        assert counters["stats"]["unique_graphs"] == graphs
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) <= -(-len(second) // CONFIG.hop), [str(w.message) for w in syncs[:3]]
+        assert min(animator.timings.values()) > 0
+        out[name] = first + second + third
+    for a, b in zip(out["fast"], out["plain"]):
+        np.testing.assert_allclose(a.meta["motion"], b.meta["motion"], atol=1e-4)
+        assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 2
