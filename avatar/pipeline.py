@@ -214,14 +214,20 @@ def compile_graphs(models: Models, **options) -> None:
     models._render = _bucketed(torch.compile(models.stage1.render, dynamic=False, **options))
 
 
-def _bucketed(render, unit: int = 10):
+def _bucketed(render, unit: int = 10, most: int = 80):
     """render(wa, alpha, feats) at a few batch sizes only: unit, 2 unit, 4 unit, ... frames (unit: a hop;
-    several sessions' hops stack). The rows past alpha's are copies of its last frame, cut off again: a
-    frame's picture depends on its own row only."""
+    several sessions' hops stack), at most ``most`` a call: more frames (32 sessions' hops) go in calls of
+    ``most``, so one graph's activations stay a few GB and no new size is captured per session count. The
+    rows past alpha's are copies of its last frame, cut off again: a frame's picture depends on its own
+    row only."""
     @functools.wraps(render)
     def call(wa, alpha, feats):
         k = len(alpha)
-        size = unit * (1 << (-(-k // unit) - 1).bit_length())
+        if k > most:
+            part = lambda t, a: t if t.shape[0] == 1 else t[a:a + most]     # noqa: E731
+            return torch.cat([call(part(wa, a), alpha[a:a + most], [part(f, a) for f in feats])
+                              for a in range(0, k, most)])
+        size = min(most, unit * (1 << (-(-k // unit) - 1).bit_length()))
         idx = torch.arange(size, device=alpha.device).clamp_(max=k - 1)
         rows = lambda t: t if t.shape[0] == 1 else t[idx]     # noqa: E731  (batch 1 broadcasts)
         return render(rows(wa), alpha[idx], [rows(f) for f in feats])[:k]

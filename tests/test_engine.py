@@ -445,6 +445,26 @@ def test_padded_windows_and_render_batches_keep_the_real_frames(tiny):
         assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 1
 
 
+def test_render_batches_take_few_sizes_and_at_most_80_frames_a_call():
+    """Many sessions' frames in one call: padded to 10, 20, 40 or 80 rows, more than 80 split into calls
+    of 80 (the last one padded too), each frame's own row rendered and nothing else returned."""
+    from avatar.pipeline import _bucketed
+
+    sizes = []
+
+    def render(wa, alpha, feats):          # a frame's picture from its own rows only
+        sizes.append(len(alpha))
+        return alpha * 2 + wa + feats[0]
+
+    for k, want in [(1, [10]), (10, [10]), (11, [20]), (45, [80]), (80, [80]), (81, [80, 10]),
+                    (200, [80, 80, 40])]:
+        sizes.clear()
+        alpha, wa, feat = torch.arange(k * 3.0).reshape(k, 3), torch.randn(k, 3), torch.randn(1, 3)
+        out = _bucketed(render)(wa, alpha, [feat])
+        assert sizes == want, k
+        torch.testing.assert_close(out, alpha * 2 + wa + feat)
+
+
 def test_compiled_windows_and_renders_keep_one_shape_over_a_stream(tiny):
     """With Models compiled for fixed shapes (compile_graphs, as on a GPU, here with a backend that only
     counts what dynamo compiles): after a first utterance, another of a different length and one after an
