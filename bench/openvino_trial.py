@@ -95,6 +95,11 @@ def convert(module: torch.nn.Module, example: tuple, form: str):
     return model, time.perf_counter() - t0
 
 
+def rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+
+
 def compile_ov(model, precision: str, threads: int):
     import openvino as ov
 
@@ -165,6 +170,8 @@ def main() -> None:
                     name = f"openvino {prec} {form}"
                     variants[(name, t, b)] = ov_runner(compiled)
                     setup[f"{name} b{b} t{t}"] = dict(convert_s=conv_s, compile_s=comp_s)
+            del model                            # the compiled models keep their own weights
+            print(f"converted {form} batch {b}: {rss_gb():.1f} GB resident", flush=True)
         if args.inputs:
             ins = (alpha, wa, *feats)
             model, conv_s = convert(Inputs(s1), ins, form)
