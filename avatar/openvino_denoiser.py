@@ -1,0 +1,89 @@
+"""The stage-2 denoiser step (``Stage2.eps``) on OpenVINO's CPU plugin: an optional backend
+(``pip install 'anitalker-live[openvino]'``, ``Speed(denoiser="openvino")``).
+
+Why only this part: side by side on a 2-core Xeon with AMX (``python bench/openvino_trial.py --stage2``),
+one full-size eps call took 2-3x less time on OpenVINO in bf16 than in torch (eager or a frozen
+torch.compile); the DDIM loop calls it 10-50 times a window, over only ~25 frames, where torch's per-op
+overhead dominates. For the renderer OpenVINO lost to the frozen torch.compile (0.75-0.8x), so the
+renderer stays in torch. The sampler, the inpainting and the condition (run once a window) stay in torch.
+
+One model is converted and compiled per (prefix batch, batch, frames) shape, on first use: static shapes
+run fastest, and the streaming engine sees only a few window lengths. The weights are read at
+construction: later changes to the torch module are not seen.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import torch
+
+from models.errors import AnitalkerError
+from models.stage2 import Condition, Stage2
+
+
+class _Step(torch.nn.Module):
+    """eps(prefix, x_t, t, positions...) with the condition's parts as inputs, for tracing."""
+
+    def __init__(self, stage2: Stage2):
+        super().__init__()
+        self.stage2 = stage2
+
+    def forward(self, prefix, x_t, t, *positions):
+        return self.stage2.eps(Condition(prefix, None, None, None, list(positions)), x_t, t)
+
+
+class OpenVinoDenoiser:
+    """Stage2.eps(cond, x_t, t) computed by OpenVINO: ``precision`` "bf16" or "fp32" (its
+    INFERENCE_PRECISION_HINT), ``threads`` its INFERENCE_NUM_THREADS (default: torch's thread count at
+    each shape's compile)."""
+
+    def __init__(self, stage2: Stage2, precision: str, threads: int | None = None):
+        try:
+            import openvino
+        except ImportError:
+            raise AnitalkerError("the OpenVINO denoiser needs the openvino package: "
+                                 "pip install 'anitalker-live[openvino]'") from None
+        if precision not in ("bf16", "fp32"):
+            raise AnitalkerError(f"unknown precision {precision!r} for the OpenVINO denoiser; use bf16 or fp32")
+        self._ov = openvino
+        # an fp32 copy to trace: bf16-prepared weights (models.precision) widen exactly, and OpenVINO
+        # casts them back for bf16 itself
+        backend = stage2.__dict__.get("eps_backend")     # a denoiser set before is not copied
+        self._model = copy.deepcopy(stage2, {id(backend): None} if backend is not None else {}).float().eval()
+        self._model.eps_backend = None
+        self.precision, self.threads = precision, threads
+        self._requests: dict = {}
+
+    @property
+    def version(self) -> str:
+        return self._ov.__version__.split("-")[0]
+
+    def _request(self, inputs: list[torch.Tensor]):
+        key = tuple(tuple(x.shape) for x in inputs[:2])
+        req = self._requests.get(key)
+        if req is None:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)   # shapes are fixed per model
+                # openvino's PyTorch frontend traces with torch.jit.trace, which torch 2.13 calls deprecated
+                warnings.simplefilter("ignore", DeprecationWarning)
+                model = self._ov.convert_model(_Step(self._model), example_input=tuple(inputs))
+            config = {"INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
+                      "PERFORMANCE_HINT": "LATENCY",
+                      "INFERENCE_NUM_THREADS": self.threads or torch.get_num_threads()}
+            req = self._requests[key] = self._ov.Core().compile_model(model, "CPU", config).create_infer_request()
+        return req
+
+    def __call__(self, cond: Condition, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x_t.device.type != "cpu":
+            raise AnitalkerError("the OpenVINO denoiser runs on the CPU; use the torch denoiser on a GPU")
+        b, frames, _ = x_t.shape
+        if frames != cond.frames:
+            raise ValueError(f"x_t has {frames} frames but the condition has {cond.frames}")
+        t = torch.as_tensor(t).reshape(-1).expand(b)
+        inputs = [cond.prefix, x_t, t, *cond.positions]
+        inputs = [x.detach().float() if x.is_floating_point() else x.detach() for x in inputs]
+        req = self._request(inputs)
+        req.infer([np.ascontiguousarray(x.numpy()) for x in inputs])
+        return torch.from_numpy(req.get_output_tensor(0).data.copy())   # the request reuses its buffer
