@@ -64,7 +64,9 @@ class OpenVinoDenoiser:
         key = tuple(tuple(x.shape) for x in inputs[:2])
         req = self._requests.get(key)
         if req is None:
-            with torch.no_grad(), warnings.catch_warnings():
+            # traced without autocast (the engine samples under it): OpenVINO has no rule for autocast's
+            # casts, and its precision hint sets the compute type itself
+            with torch.no_grad(), torch.autocast("cpu", enabled=False), warnings.catch_warnings():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)   # shapes are fixed per model
                 # openvino's PyTorch frontend traces with torch.jit.trace, which torch 2.13 calls deprecated
                 warnings.simplefilter("ignore", DeprecationWarning)

@@ -107,3 +107,18 @@ def test_models_use_it_for_motion_and_say_so():
     assert got.shape == ref.shape
     assert (got - ref).abs().max() < 1e-4
     assert len(model.eps_backend._requests) >= 2   # the window lengths of the start, the middle, the end
+
+
+def test_bf16_under_autocast_as_the_engine_samples():
+    """The engine samples under bf16 autocast: the denoiser is traced without it and its codes stay
+    within bf16 rounding of the exact ones."""
+    model = tiny_stage2()
+    wa, alpha0, audio = inputs(model)
+    cfg = MotionConfig(hop=10, context=5, lookahead=5, steps=10, seed=3)
+    ref, _ = stream_all(model, wa, alpha0, audio, cfg)
+    models = pipeline.Models(SimpleNamespace(render=None), model, None, torch.device("cpu"),
+                             pipeline.Speed(precision="bf16", denoiser="openvino"))
+    assert model.eps_backend.precision == "bf16"
+    with models.autocast():
+        got, _ = stream_all(model, wa, alpha0, audio, cfg)
+    assert 0 < rel(got, ref) < 0.05
