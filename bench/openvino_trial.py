@@ -3,6 +3,7 @@
     pip install openvino          # not a dependency of the project: this trial measures whether it should be
     python bench/openvino_trial.py [--rounds 5] [--threads 1,2] [--batches 1,2,5,10] [--frames 10]
                                    [--forms transposed] [--f32] [--inputs]
+    python bench/openvino_trial.py --part denoiser [--rounds 5] [--threads 1,2]
 
 Full-size Stage1 with generated (random) weights (seed 0) and the bundled portrait. The renderer
 (``Stage1.render``) is converted with ``openvino.convert_model`` (TorchScript tracing) with the portrait's
@@ -24,8 +25,14 @@ Every variant and thread count is timed round by round in one process (round 0 w
 given one untimed call before its timed ones in a round; ms/frame is the median over rounds of a round's
 mean. Errors: 6 motion codes near the portrait's own (as bench/errors.py), each variant against the exact
 fp32 eager renderer, as grey levels after the demo's uint8 conversion. Compile cost: conversion + compile
-per baked model (paid per portrait), the first frozen call (paid per process). Writes JSON
-(bench/results/openvino_trial.json) and prints tables.
+per baked model (paid per portrait), the first frozen call (paid per process).
+
+``--part denoiser``: the full-size stage-2 model, one streaming motion window as the engine samples it
+(context 10 + hop 10 + lookahead 5 frames, 10 DDIM steps, inpainting; bench/stages.py's "motion"), with
+the denoiser step in torch bf16 (today's --fast), in torch fp32 (the exact default) and on OpenVINO
+(avatar/openvino_denoiser.py, bf16 and fp32 hints); errors of the window's committed codes and of one eps
+call against torch fp32 (relative L2). Writes JSON (bench/results/openvino_trial[_denoiser].json) and
+prints tables.
 """
 from __future__ import annotations
 
@@ -122,6 +129,106 @@ def ov_runner(compiled, extra=()):
     return run
 
 
+def denoiser_part(args, threads: list[int]) -> None:
+    import copy
+
+    import openvino as ov
+
+    from avatar.motion import MotionConfig, MotionStream
+    from avatar.openvino_denoiser import OpenVinoDenoiser
+    from bench.errors import rel
+    from models.precision import prepare_bf16
+    from models.stage2 import Stage2, Stage2Dims
+
+    torch.manual_seed(0)
+    s2 = Stage2(Stage2Dims()).eval()
+    exact = copy.deepcopy(s2)
+    prepare_bf16(s2)                                 # as load_models does for bf16
+    g = torch.Generator().manual_seed(1)
+    wa, alpha0 = torch.randn(1, 512, generator=g), torch.rand(1, 20, generator=g) * 2 - 1
+    cfg = MotionConfig(hop=10, context=10, lookahead=5, steps=10)
+    n = cfg.context + cfg.hop + cfg.lookahead
+    fwin = torch.randn(1, 25, 2 * n, 1024, generator=g)
+    backends = {}
+    setup = {}
+    for t in threads:
+        for prec in ("bf16", "fp32"):
+            t0 = time.perf_counter()
+            backends[(prec, t)] = OpenVinoDenoiser(s2 if prec == "bf16" else exact, prec, threads=t)
+            setup[f"openvino {prec} t{t} (copy)"] = time.perf_counter() - t0
+    variants = {}
+    for t in threads:
+        variants[("torch bf16 (--fast today)", t)] = (s2, None, True)
+        variants[("torch fp32 (default)", t)] = (exact, None, False)
+        variants[("openvino bf16", t)] = (s2, backends[("bf16", t)], True)
+        variants[("openvino fp32", t)] = (exact, backends[("fp32", t)], False)
+
+    def window(model, backend, bf16):
+        """Seconds of one primed window step, and its committed codes."""
+        model.eps_backend = backend
+        ms = MotionStream(model, wa, alpha0, cfg)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            ms.step(0, fwin[:, :, :2 * (cfg.hop + cfg.lookahead)])
+            t0 = time.perf_counter()
+            codes = ms.step(cfg.hop, fwin)
+            dt = time.perf_counter() - t0
+        model.eps_backend = None
+        return dt, codes
+
+    torch.set_num_threads(max(threads))
+    with torch.inference_mode():
+        cond = exact.condition(wa, alpha0, fwin)
+        x = torch.randn(1, n, 20, generator=g)
+        ts = torch.tensor([980])
+        eps_ref = exact.eps(cond, x, ts)
+    ref_codes = window(exact, None, False)[1]
+    errors = {}
+    for (name, t), (model, backend, bf16) in variants.items():
+        if t == max(threads):
+            t0 = time.perf_counter()
+            codes = window(model, backend, bf16)[1]
+            if backend is not None:
+                setup[f"{name} t{t}: first window (converts and compiles its shapes)"] = time.perf_counter() - t0
+            model.eps_backend = backend
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                c = cond if not bf16 else model.condition(wa, alpha0, fwin)
+                e = model.eps(c, x, ts).float()
+            model.eps_backend = None
+            errors[name] = dict(codes=rel(codes, ref_codes), eps=rel(e, eps_ref))
+    samples: dict = {}
+    loads = []
+    for r in range(args.rounds + 1):
+        loads.append(os.getloadavg()[0])
+        for (name, t), v in variants.items():
+            torch.set_num_threads(t)
+            window(*v)                               # converts new shapes in round 0
+            if r:
+                samples.setdefault((name, t), []).append(1000 * window(*v)[0])
+        print(f"round {r}: load {loads[-1]:.2f}", flush=True)
+    ms = {k: statistics.median(v) for k, v in samples.items()}
+    base = "torch bf16 (--fast today)"
+    speedup = {k: statistics.median(b / v for b, v in zip(samples[(base, k[1])], samples[k])) for k in samples}
+    print(f"\nopenvino {ov.__version__}, torch {torch.__version__}, {cpu_name()}; one motion window (10 DDIM steps, "
+          f"{n} frames); median of {args.rounds} rounds, load {min(loads[1:]):.2f}-{max(loads[1:]):.2f}")
+    print("| denoiser | threads | ms/window | x faster than torch bf16 (median of per-round ratios) | "
+          "error vs torch fp32: codes / eps |\n|---|---:|---:|---:|---|")
+    for (name, t), v in sorted(ms.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        e = errors.get(name, {})
+        print(f"| {name} | {t} | {v:.1f} | {speedup[(name, t)]:.2f} | "
+              f"{e.get('codes', 0):.2g} / {e.get('eps', 0):.2g} |")
+    print("\n| one-off cost | seconds |\n|---|---:|")
+    for k, v in setup.items():
+        print(f"| {k} | {v:.1f} |")
+    result = dict(bench="openvino_trial", part="denoiser", openvino=ov.__version__, torch=torch.__version__,
+                  cpu=cpu_name(), rounds=args.rounds, loads=loads, errors=errors, setup=setup,
+                  ms_per_window=[dict(denoiser=nm, threads=t, ms=v, speedup=speedup[(nm, t)], samples=samples[(nm, t)])
+                                 for (nm, t), v in ms.items()])
+    out = Path(args.out)
+    out = out.with_name(out.stem + "_denoiser" + out.suffix)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5)
@@ -131,6 +238,7 @@ def main() -> None:
     p.add_argument("--forms", default="transposed", help=f"comma-separated, of {','.join(FORMS)}")
     p.add_argument("--f32", action="store_true", help="also OpenVINO with INFERENCE_PRECISION_HINT f32 (batch 1)")
     p.add_argument("--inputs", action="store_true", help="also a batch-1 model with the portrait as inputs")
+    p.add_argument("--part", default="renderer", choices=["renderer", "denoiser"])
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "openvino_trial.json"))
     args = p.parse_args()
     try:
@@ -141,6 +249,8 @@ def main() -> None:
     if bad := [f for f in forms if f not in FORMS]:
         sys.exit(f"openvino_trial: unknown form {bad[0]!r}; use {', '.join(FORMS)}")
     threads = [int(t) for t in args.threads.split(",")]
+    if args.part == "denoiser":
+        return denoiser_part(args, threads)
     batches = [int(b) for b in args.batches.split(",")]
 
     torch.manual_seed(0)
