@@ -129,6 +129,22 @@ def ov_runner(compiled, extra=()):
     return run
 
 
+class FrozenEps:
+    """The denoiser step as a frozen torch.compile (avatar.pipeline.compile_frozen) of a copy of the model:
+    what inductor makes of the same step, for comparison."""
+
+    def __init__(self, stage2):
+        import copy
+
+        from models.stage2 import Condition
+
+        self.model = copy.deepcopy(stage2)
+        self.fn = compile_frozen(lambda prefix, x, t, pos: self.model.eps(Condition(prefix, None, None, None, pos), x, t))
+
+    def __call__(self, cond, x, t):
+        return self.fn(cond.prefix, x, t, cond.positions)
+
+
 def denoiser_part(args, threads: list[int]) -> None:
     import copy
 
@@ -156,9 +172,11 @@ def denoiser_part(args, threads: list[int]) -> None:
             t0 = time.perf_counter()
             backends[(prec, t)] = OpenVinoDenoiser(s2 if prec == "bf16" else exact, prec, threads=t)
             setup[f"openvino {prec} t{t} (copy)"] = time.perf_counter() - t0
+    frozen = FrozenEps(s2)
     variants = {}
     for t in threads:
         variants[("torch bf16 (--fast today)", t)] = (s2, None, True)
+        variants[("torch bf16, frozen compile", t)] = (s2, frozen, True)
         variants[("torch fp32 (default)", t)] = (exact, None, False)
         variants[("openvino bf16", t)] = (s2, backends[("bf16", t)], True)
         variants[("openvino fp32", t)] = (exact, backends[("fp32", t)], False)
@@ -188,7 +206,7 @@ def denoiser_part(args, threads: list[int]) -> None:
             t0 = time.perf_counter()
             codes = window(model, backend, bf16)[1]
             if backend is not None:
-                setup[f"{name} t{t}: first window (converts and compiles its shapes)"] = time.perf_counter() - t0
+                setup[f"{name} t{t}: first window (compiles its shapes)"] = time.perf_counter() - t0
             model.eps_backend = backend
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 c = cond if not bf16 else model.condition(wa, alpha0, fwin)
