@@ -247,6 +247,23 @@ def denoiser_part(args, threads: list[int]) -> None:
     out.write_text(json.dumps(result, indent=1))
 
 
+def ov_profile(model, threads: int, alpha: torch.Tensor, frames: int = 10) -> dict:
+    """OpenVINO's per-op times of a bf16 frame, summed per (op type, kernel): ms per frame."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY",
+                                                      "INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True})
+    req = compiled.create_infer_request()
+    rows: dict = {}
+    for i in range(frames + 3):
+        req.infer([alpha.numpy()])
+        if i >= 3:
+            for e in req.profiling_info:
+                key = f"{e.node_type} ({e.exec_type})"
+                rows[key] = rows.get(key, 0.0) + e.real_time.total_seconds() * 1000 / frames
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5)
@@ -257,6 +274,8 @@ def main() -> None:
     p.add_argument("--f32", action="store_true", help="also OpenVINO with INFERENCE_PRECISION_HINT f32 (batch 1)")
     p.add_argument("--inputs", action="store_true", help="also a batch-1 model with the portrait as inputs")
     p.add_argument("--part", default="renderer", choices=["renderer", "denoiser"])
+    p.add_argument("--profile", action="store_true", help="also OpenVINO's own per-op profile (PERF_COUNT) of "
+                   "the first form's bf16 batch-1 model on the most threads")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "openvino_trial.json"))
     args = p.parse_args()
     try:
@@ -293,6 +312,8 @@ def main() -> None:
         set_form(s1, form)
         for b in batches:
             model, conv_s = convert(Baked(s1, wa, feats), (codes[:1].repeat(b, 1),), form)
+            if args.profile and form == forms[0] and b == batches[0]:
+                profile = ov_profile(model, max(threads), alpha)
             for t in threads:
                 for prec in ("bf16",) + (("f32",) if args.f32 and b == 1 else ()):
                     compiled, comp_s = compile_ov(model, prec, t)
@@ -362,11 +383,16 @@ def main() -> None:
     print("\n| one-off cost | seconds |\n|---|---:|")
     for k, v in setup.items():
         print(f"| {k} | {' + '.join(f'{x:.1f}' for x in v.values())} |")
+    if args.profile:
+        print(f"\nOpenVINO's profile, bf16 {forms[0]}, batch {batches[0]}, {max(threads)} threads "
+              f"(PERF_COUNT, {sum(profile.values()):.1f} ms/frame in ops)\n| op (kernel) | ms/frame |\n|---|---:|")
+        for k, v in list(profile.items())[:12]:
+            print(f"| {k} | {v:.2f} |")
     result = dict(bench="openvino_trial", openvino=ov.__version__, torch=torch.__version__, cpu=cpu_name(),
                   rounds=args.rounds, frames=args.frames, loads=loads,
                   ms_per_frame=[dict(renderer=n, threads=t, batch=b, ms=v, speedup=speedup[(n, t, b)], samples=samples[(n, t, b)])
                                 for (n, t, b), v in ms.items()],
-                  errors=errors, setup=setup)
+                  errors=errors, setup=setup, profile=profile if args.profile else None)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
 
