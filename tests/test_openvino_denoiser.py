@@ -10,10 +10,18 @@ import torch
 
 from avatar import pipeline
 from avatar.motion import MotionConfig
+from avatar.openvino_denoiser import OpenVinoDenoiser
 from models.errors import AnitalkerError
 from models.precision import prepare_bf16
 from tests.conftest import tiny_stage2
 from tests.test_motion import inputs, stream_all
+
+try:
+    import openvino as ov
+except ImportError:
+    ov = None
+needs_openvino = pytest.mark.skipif(ov is None, reason="openvino is not installed (optional: pip install "
+                                    "'anitalker-live[openvino]'; bash install.sh dev installs it)")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,11 +56,7 @@ def test_unknown_denoiser_is_refused():
         pipeline.Speed(denoiser="tensorrt")
 
 
-ov = pytest.importorskip("openvino", reason="openvino is not installed (optional: pip install "
-                                            "'anitalker-live[openvino]'; bash install.sh dev installs it)")
-from avatar.openvino_denoiser import OpenVinoDenoiser  # noqa: E402
-
-
+@needs_openvino
 @pytest.mark.parametrize("frames,batch", [(25, 1), (13, 1), (25, 3)])
 def test_fp32_equals_torch(frames, batch):
     model = tiny_stage2()
@@ -67,6 +71,7 @@ def test_fp32_equals_torch(frames, batch):
     assert not torch.equal(den(cond, x, torch.full((batch,), 20)), got)    # t reaches the network
 
 
+@needs_openvino
 def test_one_model_per_shape_and_the_weights_read_once():
     model = tiny_stage2()
     den = OpenVinoDenoiser(model, "fp32")
@@ -81,6 +86,7 @@ def test_one_model_per_shape_and_the_weights_read_once():
     assert torch.equal(den(cond, x, t), first)
 
 
+@needs_openvino
 def test_bf16_close_to_fp32_and_from_bf16_prepared_weights():
     model = tiny_stage2()
     cond, x = condition(model, 25)
@@ -92,6 +98,7 @@ def test_bf16_close_to_fp32_and_from_bf16_prepared_weights():
     assert 0 < rel(got, ref) < 0.05                 # bf16 rounding, not another function
 
 
+@needs_openvino
 def test_models_use_it_for_motion_and_say_so():
     """Speed(denoiser="openvino") puts it under every eps call: a streamed motion window agrees with the
     torch denoiser's to fp32 rounding, and the start-up description names it."""
@@ -109,6 +116,7 @@ def test_models_use_it_for_motion_and_say_so():
     assert len(model.eps_backend._requests) >= 2   # the window lengths of the start, the middle, the end
 
 
+@needs_openvino
 def test_bf16_under_autocast_as_the_engine_samples():
     """The engine samples under bf16 autocast: the denoiser is traced without it and its codes stay
     within bf16 rounding of the exact ones."""
