@@ -7,7 +7,7 @@ torch.compile); the DDIM loop calls it 10-50 times a window, over only ~25 frame
 overhead dominates. For the renderer OpenVINO lost to the frozen torch.compile (0.75-0.8x), so the
 renderer stays in torch. The sampler, the inpainting and the condition (run once a window) stay in torch.
 
-One model serves every window: converted and compiled at the first call (about 2 s at full size), with
+One model serves every window: converted and compiled once (``prepare``, about 2-3 s at full size), with
 the batch and frame counts dynamic (measured as fast as a static-shape model: 7.4 ms an eps call either
 way, one thread), so a new window length (the first window, the last, sessions batched together) never
 stalls a stream for a conversion. The weights are read at construction: later changes to the torch module
@@ -84,6 +84,16 @@ class OpenVinoDenoiser:
             self._req = ov.Core().compile_model(model, "CPU", config).create_infer_request()
             self.conversions += 1
         return self._req
+
+    def prepare(self, frames: int = 25) -> "OpenVinoDenoiser":
+        """Convert and compile now, on a zero window of ``frames`` (any length: the model is dynamic), so
+        that a stream's first hop does not wait for it (about 2-3 s at full size)."""
+        d = self._model.dims
+        prefix = torch.zeros(1, frames, d.speech_dim + 2 * d.proj_dim)
+        with torch.no_grad():
+            positions = self._model.coarse_decoder.positions(frames, prefix)
+        self(Condition(prefix, None, None, None, positions), torch.zeros(1, frames, d.motion_dim), torch.tensor([1]))
+        return self
 
     def __call__(self, cond: Condition, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if x_t.device.type != "cpu":

@@ -116,6 +116,7 @@ def test_models_use_it_for_motion_and_say_so():
     models = pipeline.Models(SimpleNamespace(render=None), model, None, torch.device("cpu"),
                              pipeline.Speed(denoiser="openvino"))
     assert isinstance(model.eps_backend, OpenVinoDenoiser)
+    assert model.eps_backend.conversions == 1       # at load, not in the stream's first hop
     assert f"stage-2 denoiser on OpenVINO {ov.__version__.split('-')[0]}" in models.describe()
     got, _ = stream_all(model, wa, alpha0, audio, cfg)
     assert got.shape == ref.shape
