@@ -151,7 +151,8 @@ class Models:
             if self.device.type != "cpu":
                 raise AnitalkerError("the OpenVINO denoiser runs on the CPU; use the torch denoiser on a GPU")
             from .openvino_denoiser import OpenVinoDenoiser
-            self.stage2.eps_backend = OpenVinoDenoiser(self.stage2, self.speed.precision)
+            # converted now, with torch's thread count at load: a stream's first hop must not wait for it
+            self.stage2.eps_backend = OpenVinoDenoiser(self.stage2, self.speed.precision).prepare()
         self._render = self.stage1.render
         if self.speed.compile:
             self._render = _per_frame(compile_frozen(self.stage1.render))
