@@ -4,6 +4,7 @@
     python bench/openvino_trial.py [--rounds 5] [--threads 1,2] [--batches 1,2,5,10] [--frames 10]
                                    [--forms transposed] [--f32] [--inputs]
     python bench/openvino_trial.py --part denoiser [--rounds 5] [--threads 1,2]
+    python bench/openvino_trial.py --part hubert [--rounds 5] [--threads 1]
 
 Full-size Stage1 with generated (random) weights (seed 0) and the bundled portrait. The renderer
 (``Stage1.render``) is converted with ``openvino.convert_model`` (TorchScript tracing) with the portrait's
@@ -31,7 +32,12 @@ per baked model (paid per portrait), the first frozen call (paid per process).
 (context 10 + hop 10 + lookahead 5 frames, 10 DDIM steps, inpainting; bench/stages.py's "motion"), with
 the denoiser step in torch bf16 (today's --fast), in torch fp32 (the exact default) and on OpenVINO
 (avatar/openvino_denoiser.py, bf16 and fp32 hints); errors of the window's committed codes and of one eps
-call against torch fp32 (relative L2). Writes JSON (bench/results/openvino_trial[_denoiser].json) and
+call against torch fp32 (relative L2).
+
+``--part hubert``: HuBERT-large (random weights) over one streaming window of the engine ([context 25 |
+hop 10 | lookahead 5] frames of speech) on OpenVINO bf16, against torch bf16 over the same window and
+torch's incremental features for a hop (bench/stages.py's "features": what --fast runs); the error of
+OpenVINO's hidden states against torch fp32 (relative L2). Writes JSON (bench/results/openvino_trial[_denoiser].json) and
 prints tables.
 """
 from __future__ import annotations
@@ -264,6 +270,91 @@ def ov_profile(model, threads: int, alpha: torch.Tensor, frames: int = 10) -> di
     return dict(sorted(rows.items(), key=lambda kv: -kv[1]))
 
 
+def hubert_part(args, threads: list[int]) -> None:
+    import copy
+    from types import SimpleNamespace
+
+    import openvino as ov
+    from transformers import HubertConfig, HubertModel
+
+    from bench.errors import rel
+    from bench.offline import HUBERT_LARGE
+    from bench.stages import AUDIO_CONTEXT, HOP, LOOKAHEAD, FeatureStream
+    from bench.stream import speech
+    from models.frontend import HubertFrontend
+    from models.precision import prepare_bf16
+
+    torch.manual_seed(0)
+    hub = HubertModel(HubertConfig(**HUBERT_LARGE)).eval()
+    exact = copy.deepcopy(hub)
+    prepare_bf16(hub)                                  # as load_models does for bf16
+
+    class States(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = exact
+
+        def forward(self, x):
+            out = self.m(x, output_hidden_states=True)
+            return torch.stack(list(out.hidden_states[:-1]) + [out.last_hidden_state])
+
+    wave = speech(60.0)
+    x = torch.from_numpy(np.asarray(wave[:(AUDIO_CONTEXT + HOP + LOOKAHEAD) * 640 + 80], dtype=np.float32))[None]
+    t0 = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ov.convert_model(States(), example_input=x)
+    setup = {"openvino convert": time.perf_counter() - t0}
+    reqs = {}
+    for t in threads:
+        compiled, setup[f"openvino compile t{t}"] = compile_ov(model, "bf16", t)
+        reqs[t] = compiled.create_infer_request()
+    with torch.inference_mode():
+        ref = States()(x)
+    reqs[threads[-1]].infer([x.numpy()])
+    error = rel(torch.from_numpy(reqs[threads[-1]].get_output_tensor(0).data.copy()), ref)
+    models = SimpleNamespace(hubert=HubertFrontend(hub),
+                             autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    streams = {m: FeatureStream(models, wave, m) for m in ("window", "incremental")}
+
+    def torch_window():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            hub(x, output_hidden_states=True)
+    variants = {}
+    for t in threads:
+        variants[("openvino bf16, window", t)] = lambda t=t: reqs[t].infer([x.numpy()])
+        variants[("torch bf16, window", t)] = torch_window
+        variants[("torch bf16, incremental hop (--fast)", t)] = lambda: streams["incremental"].hop()
+    samples: dict = {}
+    loads = []
+    for r in range(args.rounds + 1):
+        loads.append(os.getloadavg()[0])
+        for (name, t), fn in variants.items():
+            torch.set_num_threads(t)
+            t0 = time.perf_counter()
+            fn()
+            if r:
+                samples.setdefault((name, t), []).append(1000 * (time.perf_counter() - t0))
+        print(f"round {r}: load {loads[-1]:.2f}", flush=True)
+    ms = {k: statistics.median(v) for k, v in samples.items()}
+    print(f"\nopenvino {ov.__version__}, torch {torch.__version__}, {cpu_name()}; HuBERT-large, one hop of 10 frames "
+          f"(window {x.shape[1]} samples); median of {args.rounds} rounds, load {min(loads[1:]):.2f}-{max(loads[1:]):.2f}; "
+          f"OpenVINO bf16 states vs torch fp32: {error:.3g} (relative)")
+    print("| features | threads | ms/hop |\n|---|---:|---:|")
+    for (name, t), v in sorted(ms.items(), key=lambda kv: (kv[0][1], kv[1])):
+        print(f"| {name} | {t} | {v:.1f} |")
+    print("\n| one-off cost | seconds |\n|---|---:|")
+    for k, v in setup.items():
+        print(f"| {k} | {v:.1f} |")
+    out = Path(args.out)
+    out = out.with_name(out.stem + "_hubert" + out.suffix)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(bench="openvino_trial", part="hubert", openvino=ov.__version__, cpu=cpu_name(),
+                                   rounds=args.rounds, loads=loads, error=error, setup=setup,
+                                   ms_per_hop=[dict(features=n, threads=t, ms=v, samples=samples[(n, t)])
+                                               for (n, t), v in ms.items()]), indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5)
@@ -273,7 +364,7 @@ def main() -> None:
     p.add_argument("--forms", default="transposed", help=f"comma-separated, of {','.join(FORMS)}")
     p.add_argument("--f32", action="store_true", help="also OpenVINO with INFERENCE_PRECISION_HINT f32 (batch 1)")
     p.add_argument("--inputs", action="store_true", help="also a batch-1 model with the portrait as inputs")
-    p.add_argument("--part", default="renderer", choices=["renderer", "denoiser"])
+    p.add_argument("--part", default="renderer", choices=["renderer", "denoiser", "hubert"])
     p.add_argument("--profile", action="store_true", help="also OpenVINO's own per-op profile (PERF_COUNT) of "
                    "the first form's bf16 batch-1 model on the most threads")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "openvino_trial.json"))
@@ -288,6 +379,8 @@ def main() -> None:
     threads = [int(t) for t in args.threads.split(",")]
     if args.part == "denoiser":
         return denoiser_part(args, threads)
+    if args.part == "hubert":
+        return hubert_part(args, threads)
     batches = [int(b) for b in args.batches.split(",")]
 
     torch.manual_seed(0)
