@@ -2,8 +2,10 @@
 # Installs anitalker-live into ./.venv on a Debian/Ubuntu machine.
 #   bash install.sh          the program (microphone, virtual camera and WebRTC support included)
 #   bash install.sh dev      the program and what the tests need (a JACK dummy sound server, Chromium, and
-#                            livekit-agents and pipecat-ai, whose adapters are tested with the real packages)
+#                            livekit-agents, pipecat-ai and openvino, whose adapters are tested with the real
+#                            packages)
 #   bash install.sh livekit  (or pipecat) the program and that voice-agent framework
+#   bash install.sh openvino the program and OpenVINO, for the stage-2 denoiser on its CPU plugin
 #   bash install.sh preview  also OpenCV's GUI build, for `--to preview` (a window; the default build is
 #                            headless, so a server needs no X libraries); words combine: dev preview
 set -euo pipefail
@@ -11,10 +13,10 @@ cd "$(dirname "$0")"
 extras=""; preview=""; dev=""
 for word in "$@"; do
     case "$word" in
-        dev) dev=1; extras="$extras,dev,livekit,pipecat" ;;
-        livekit|pipecat) extras="$extras,$word" ;;
+        dev) dev=1; extras="$extras,dev,livekit,pipecat,openvino" ;;
+        livekit|pipecat|openvino) extras="$extras,$word" ;;
         preview) preview=1 ;;
-        *) echo "usage: bash install.sh [dev] [livekit] [pipecat] [preview]" >&2; exit 2 ;;
+        *) echo "usage: bash install.sh [dev] [livekit] [pipecat] [openvino] [preview]" >&2; exit 2 ;;
     esac
 done
 sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"

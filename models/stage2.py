@@ -299,6 +299,8 @@ class Stage2(nn.Module):
         return Condition(prefix, used["location"], used["scale"], used["pose"],
                          self.coarse_decoder.positions(T, prefix))
 
+    eps_backend = None    # eps(cond, x_t, t) computed elsewhere (avatar.openvino_denoiser), None: here
+
     def eps(self, cond: Condition, x_t: Tensor, t: Tensor) -> Tensor:
         """x_t (B, F, M), t (B,) int64 ORIGINAL timestep -> eps (B, F, M).
 
@@ -308,6 +310,8 @@ class Stage2(nn.Module):
         B, T, _ = x_t.shape
         if T != cond.frames:
             raise ValueError(f"x_t has {T} frames but the condition has {cond.frames}")
+        if self.eps_backend is not None:
+            return self.eps_backend(cond, x_t, t)
         t = torch.as_tensor(t, device=x_t.device).reshape(-1, 1).to(x_t.dtype).expand(B, 1)
         h = torch.cat([cond.prefix.expand(B, -1, -1), self.noisy_encoder(x_t),
                        self.t_encoder(t).unsqueeze(1).expand(B, T, -1)], dim=-1)
