@@ -8,6 +8,7 @@ codes          -> ``render``           (stage-1 renderer, batched, encoder featu
 from __future__ import annotations
 
 import functools
+import importlib.util
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -101,19 +102,21 @@ class Speed:
     upsampling: str = "transposed"  # the renderer's upsampling convs: "transposed" (official) | "subpixel"
                                   # (the same sums as regular convs) | "auto" (each layer timed both ways)
     denoiser: str = "torch"       # the stage-2 denoiser step: "torch" | "openvino" (its CPU plugin, in this
-                                  # precision; optional extra, 2-3x faster a step on an AMX CPU in bf16)
+                                  # precision; optional extra: a bf16 window 1.67x faster than torch's on an
+                                  # AMX CPU, bench/openvino_trial.py) | "auto" (openvino where it is
+                                  # installed and the CPU runs bf16, else torch)
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16", "auto", None):
             raise AnitalkerError(f"unknown precision {self.precision!r}; use fp32, bf16 or auto")
         if self.upsampling not in ("auto",) + Stage1.UPSAMPLING:
             raise AnitalkerError(f"unknown upsampling {self.upsampling!r}; use transposed, subpixel or auto")
-        if self.denoiser not in ("torch", "openvino"):
-            raise AnitalkerError(f"unknown denoiser {self.denoiser!r}; use torch or openvino")
+        if self.denoiser not in ("torch", "openvino", "auto"):
+            raise AnitalkerError(f"unknown denoiser {self.denoiser!r}; use torch, openvino or auto")
 
     @classmethod
     def fastest(cls) -> "Speed":
-        return cls(precision="auto", compile=None, upsampling="auto")
+        return cls(precision="auto", compile=None, upsampling="auto", denoiser="auto")
 
     def resolve(self, device: torch.device) -> "Speed":
         """The concrete mode on ``device``: precision fp32 or bf16, compile True or False."""
@@ -124,7 +127,11 @@ class Speed:
         if precision == "auto":
             precision = "bf16" if native else "fp32"
         compile = (precision == "bf16" and native) if self.compile is None else self.compile
-        return replace(self, precision=precision, compile=compile)
+        denoiser = self.denoiser
+        if denoiser == "auto":       # in fp32 OpenVINO's step was slower than torch's (bench/openvino_trial.py)
+            usable = device.type == "cpu" and precision == "bf16" and importlib.util.find_spec("openvino")
+            denoiser = "openvino" if usable else "torch"
+        return replace(self, precision=precision, compile=compile, denoiser=denoiser)
 
 
 

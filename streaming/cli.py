@@ -104,9 +104,13 @@ def add_model_args(p: argparse.ArgumentParser, audio: bool = True) -> None:
     g.add_argument("--upsampling", default="transposed", choices=["transposed", "subpixel", "auto"],
                    help="the renderer's upsampling convs as the official transposed convs (default) or as the "
                    "equal regular convs (subpixel); auto times both at start and keeps the faster per layer")
+    g.add_argument("--denoiser", default="torch", choices=["torch", "openvino", "auto"],
+                   help="the stage-2 denoiser step in torch (default) or on OpenVINO's CPU plugin (the [openvino] "
+                   "extra; about 1.7x faster in bf16 on an AMX CPU); auto: OpenVINO where it is installed and "
+                   "the CPU runs bf16")
     g.add_argument("--fast", action="store_true", help="the fastest mode on this machine: --precision auto, "
-                   "--compile where bf16 is native, --upsampling auto (and --hubert incremental when streaming); "
-                   "its error against fp32 is in the README")
+                   "--compile where bf16 is native, --upsampling auto, --denoiser auto (and --hubert "
+                   "incremental when streaming); its error against fp32 is in the README")
     g.add_argument("--no-crop", action="store_true", help="use the whole portrait, squashed to 256x256, "
                    "instead of detecting and cropping the face")
     add_picture_args(p)
@@ -134,7 +138,8 @@ def speed_from_args(args):
     from avatar.pipeline import Speed
     if getattr(args, "fast", False):
         return Speed.fastest()
-    return Speed(precision=args.precision, compile=args.compile, upsampling=args.upsampling)
+    return Speed(precision=args.precision, compile=args.compile, upsampling=args.upsampling,
+                 denoiser=args.denoiser)
 
 
 def cmd_render(args) -> int:

@@ -1,6 +1,8 @@
 """The streaming engine end to end on tiny generated checkpoints: frames, their audio, determinism."""
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -165,8 +167,13 @@ def test_fast_live_mode_streams_incremental_hubert(tiny_checkpoints, tmp_path, c
     animator = make_live_animator(args)
     assert animator.config.hubert == "incremental" and animator.features._inc is not None
     assert cmd_live(args, lambda a: animator, time_source=FakeTime()) == 0
-    assert "speed: " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "speed: " in err
     assert read_video_info(out)["frames"] >= 25
+    # on a CPU with native bf16 and the [openvino] extra installed, the denoiser runs there and says so
+    openvino = animator.models.speed.denoiser == "openvino"
+    assert openvino == (animator.models.speed.precision == "bf16" and importlib.util.find_spec("openvino") is not None)
+    assert ("stage-2 denoiser on OpenVINO" in err) == openvino
 
 
 def test_engine_rate_arithmetic():

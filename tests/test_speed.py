@@ -16,10 +16,15 @@ CPU = torch.device("cpu")
 
 
 def test_fastest_mode_follows_native_bf16(monkeypatch):
+    monkeypatch.setattr(pipeline.importlib.util, "find_spec", lambda name: object())   # openvino "installed"
     monkeypatch.setattr(pipeline, "native_bf16", lambda device: False)
     assert Speed.fastest().resolve(CPU) == Speed(precision="fp32", compile=False, upsampling="auto")
     monkeypatch.setattr(pipeline, "native_bf16", lambda device: True)
-    assert Speed.fastest().resolve(CPU) == Speed(precision="bf16", compile=True, upsampling="auto")
+    assert Speed.fastest().resolve(CPU) == Speed(precision="bf16", compile=True, upsampling="auto",
+                                                 denoiser="openvino")
+    assert Speed.fastest().resolve(torch.device("cuda")).denoiser == "torch"      # OpenVINO is the CPU's
+    monkeypatch.setattr(pipeline.importlib.util, "find_spec", lambda name: None)     # the extra not installed
+    assert Speed.fastest().resolve(CPU).denoiser == "torch"
     # explicit choices are kept whatever the machine
     assert Speed(precision="fp32", compile=False).resolve(CPU) == Speed()
     assert Speed(precision="bf16").resolve(CPU).compile is False
@@ -37,6 +42,15 @@ def test_bad_modes_are_user_errors():
         Speed(precision="fp16")
     with pytest.raises(AnitalkerError, match="upsampling"):
         Speed(upsampling="bilinear")
+
+
+def test_the_command_line_picks_the_denoiser():
+    from streaming.cli import build_parser, speed_from_args
+
+    parse = lambda *a: speed_from_args(build_parser().parse_args(["render", *a]))     # noqa: E731
+    assert parse().denoiser == "torch"
+    assert parse("--denoiser", "openvino").denoiser == "openvino"
+    assert parse("--fast").denoiser == "auto"
 
 
 @torch.inference_mode()
