@@ -40,7 +40,7 @@ PREEMPT_FRAMES = 3         # idle silence in flight worth dropping for speech th
 @dataclass
 class Piece:
     samples: np.ndarray
-    arrival: float          # when it reached the session (the time source's clock)
+    arrival: float          # when it reached the session (the time source's clock); a file's: when taken
     live: bool = False
     tag: object = None
     mark: bool = False      # no samples: the end of `tag`'s segment
@@ -100,6 +100,10 @@ class Feed:
         if item is END:
             self.source_done = True
             return False
+        if not self.paced:
+            # A file is read ahead into the input queue and taken as the lead allows: its audio arrives
+            # when it is taken, not when it was read (else latency would count the read-ahead, ~5 s)
+            item.arrival = self.time.now()
         self.pending.append(item)
         if not item.mark:
             self._last_arrival = item.arrival

@@ -88,6 +88,20 @@ def test_metrics_measure_latency_and_rate():
     assert set(s["queue_depth_max"]) == {"input", "worker", "output"}
 
 
+def test_a_file_read_ahead_is_not_latency():
+    """A file is read ahead into the session's input queue (64 chunks, here 6.4 s) and taken as the lead
+    allows: its latency counts from when the feed takes its audio, so it is the lead plus compute, not
+    how far ahead the reader got."""
+    async def file():
+        for _ in range(200):                            # 20 s in 100 ms pieces, read as fast as asked
+            yield np.full(SAMPLE_RATE // 10, 0.1, np.float32), SAMPLE_RATE
+
+    session = Session(ToneAnimator(), time_source=FakeTime())
+    s = asyncio.run(session.run(PcmSource(file())))
+    assert s["frames"] >= 500 and s["repeats"] == 0
+    assert s["latency_p95_ms"] <= 1000 * (session.lead + 2) / 25, s
+
+
 def test_sentences():
     assert sentences("Hello there. How are you? Fine!  ") == ["Hello there.", "How are you?", "Fine!"]
 
