@@ -1,11 +1,11 @@
 """The stage-2 denoiser step (``Stage2.eps``) on OpenVINO's CPU plugin: an optional backend
 (``pip install 'anitalker-live[openvino]'``, ``Speed(denoiser="openvino")``).
 
-Why only this part: side by side on a 2-core Xeon with AMX (``python bench/openvino_trial.py --stage2``),
-one full-size eps call took 2-3x less time on OpenVINO in bf16 than in torch (eager or a frozen
-torch.compile); the DDIM loop calls it 10-50 times a window, over only ~25 frames, where torch's per-op
-overhead dominates. For the renderer OpenVINO lost to the frozen torch.compile (0.75-0.8x), so the
-renderer stays in torch. The sampler, the inpainting and the condition (run once a window) stay in torch.
+Why only this part: side by side on a 2-core Xeon with AMX (``python bench/openvino_trial.py --part
+denoiser``), a full-size bf16 motion window (10 DDIM steps over ~25 frames, where torch's per-op overhead
+dominates) took 108 ms on OpenVINO against 172 ms in torch (1.67x; 154 ms as a frozen torch.compile). For
+the renderer OpenVINO lost to the frozen torch.compile (0.69-0.78x), and for HuBERT to torch's incremental
+features, so those stay in torch. The sampler, the inpainting and the condition (run once a window) stay in torch.
 
 One model serves every window: converted and compiled once (``prepare``, about 2-3 s at full size), with
 the batch and frame counts dynamic (measured as fast as a static-shape model: 7.4 ms an eps call either

@@ -205,9 +205,9 @@ STAGE1_ONLY = "stage1_only"     # Models.infer_type when no stage-2 model is loa
 
 
 def _per_frame(render):
-    """render(wa, alpha, feats) one frame at a time, with alpha an inference tensor: a compiled renderer (dynamic=False) would compile a
-    graph for every batch size the live engine happens to draw (tens of seconds each, while the picture
-    holds), and at batch 1 its kernels are the frozen constants anyway."""
+    """render(wa, alpha, feats) one frame at a time, with alpha an inference tensor: a compiled renderer
+    (dynamic=False) would compile a graph for every batch size the live engine happens to draw (tens of
+    seconds each, while the picture holds), and at batch 1 its kernels are the frozen constants anyway."""
     @functools.wraps(render)
     def call(wa, alpha, feats):
         if torch.is_inference_mode_enabled() and not alpha.is_inference():
