@@ -151,6 +151,23 @@ class FrozenEps:
         return self.fn(cond.prefix, x, t, cond.positions)
 
 
+def interleaved(variants: dict, rounds: int, ms_of) -> tuple[dict, list]:
+    """Every variant in turn, round after round (the load changes between rounds, so each round compares
+    them under the same load): round 0 warms up untimed, rounds 1..rounds give ms_of(key, variant) each;
+    key[1] is the torch thread count. -> ({key: [ms per round]}, [load average at each round's start])."""
+    samples: dict = {}
+    loads = []
+    for r in range(rounds + 1):
+        loads.append(os.getloadavg()[0])
+        for key, v in variants.items():
+            torch.set_num_threads(key[1])
+            ms = ms_of(key, v)
+            if r:
+                samples.setdefault(key, []).append(ms)
+        print(f"round {r}: load {loads[-1]:.2f}", flush=True)
+    return samples, loads
+
+
 def denoiser_part(args, threads: list[int]) -> None:
     import copy
 
@@ -219,16 +236,8 @@ def denoiser_part(args, threads: list[int]) -> None:
                 e = model.eps(c, x, ts).float()
             model.eps_backend = None
             errors[name] = dict(codes=rel(codes, ref_codes), eps=rel(e, eps_ref))
-    samples: dict = {}
-    loads = []
-    for r in range(args.rounds + 1):
-        loads.append(os.getloadavg()[0])
-        for (name, t), v in variants.items():
-            torch.set_num_threads(t)
-            window(*v)                               # converts new shapes in round 0
-            if r:
-                samples.setdefault((name, t), []).append(1000 * window(*v)[0])
-        print(f"round {r}: load {loads[-1]:.2f}", flush=True)
+    # each round: one untimed window first (in round 0 it converts new shapes), then the timed one
+    samples, loads = interleaved(variants, args.rounds, lambda key, v: (window(*v), 1000 * window(*v)[0])[1])
     ms = {k: statistics.median(v) for k, v in samples.items()}
     base = "torch bf16 (--fast today)"
     speedup = {k: statistics.median(b / v for b, v in zip(samples[(base, k[1])], samples[k])) for k in samples}
@@ -325,17 +334,11 @@ def hubert_part(args, threads: list[int]) -> None:
         variants[("openvino bf16, window", t)] = lambda t=t: reqs[t].infer([x.numpy()])
         variants[("torch bf16, window", t)] = torch_window
         variants[("torch bf16, incremental hop (--fast)", t)] = lambda: streams["incremental"].hop()
-    samples: dict = {}
-    loads = []
-    for r in range(args.rounds + 1):
-        loads.append(os.getloadavg()[0])
-        for (name, t), fn in variants.items():
-            torch.set_num_threads(t)
-            t0 = time.perf_counter()
-            fn()
-            if r:
-                samples.setdefault((name, t), []).append(1000 * (time.perf_counter() - t0))
-        print(f"round {r}: load {loads[-1]:.2f}", flush=True)
+    def timed(key, fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return 1000 * (time.perf_counter() - t0)
+    samples, loads = interleaved(variants, args.rounds, timed)
     ms = {k: statistics.median(v) for k, v in samples.items()}
     print(f"\nopenvino {ov.__version__}, torch {torch.__version__}, {cpu_name()}; HuBERT-large, one hop of 10 frames "
           f"(window {x.shape[1]} samples); median of {args.rounds} rounds, load {min(loads[1:]):.2f}-{max(loads[1:]):.2f}; "
@@ -443,21 +446,15 @@ def main() -> None:
             got = torch.cat([fn(c[None]).float().clone() for c in codes])
             errors[name] = frame_errors(got, ref)
 
-    samples: dict = {}
-    loads = []
-    for r in range(args.rounds + 1):
-        loads.append(os.getloadavg()[0])
-        for (name, t, b), fn in variants.items():
-            torch.set_num_threads(t)
-            a = codes[:1].repeat(b, 1)
-            fn(a)                                   # untimed: whatever the previous variant left running settles
-            t0 = time.perf_counter()
-            for _ in range(max(1, args.frames // b)):
-                fn(a)
-            if r:
-                samples.setdefault((name, t, b), []).append(
-                    1000 * (time.perf_counter() - t0) / (b * max(1, args.frames // b)))
-        print(f"round {r}: load {loads[-1]:.2f}", flush=True)
+    def per_frame(key, fn) -> float:
+        b = key[2]
+        a = codes[:1].repeat(b, 1)
+        fn(a)                                       # untimed: whatever the previous variant left running settles
+        t0 = time.perf_counter()
+        for _ in range(max(1, args.frames // b)):
+            fn(a)
+        return 1000 * (time.perf_counter() - t0) / (b * max(1, args.frames // b))
+    samples, loads = interleaved(variants, args.rounds, per_frame)
 
     ms = {k: statistics.median(v) for k, v in samples.items()}
     base = {t: ms[(BASE, t, 1)] for t in threads}
