@@ -125,7 +125,7 @@ class AvatarPool:
             raise Full(self.full(0))
         self.opening += 1
         try:
-            animator = await asyncio.to_thread(self.make_animator, portrait)
+            animator = await self._build(portrait)
         finally:
             self.opening -= 1
         return self._start(animator)
@@ -135,9 +135,17 @@ class AvatarPool:
         cannot use (no face found) leaves the old avatar running and raises."""
         if not self.portraits:
             raise AnitalkerError("the test pattern has no portrait to change")
-        animator = await asyncio.to_thread(self.make_animator, portrait)
+        animator = await self._build(portrait)
         await self.close(avatar)
         return self._start(animator)
+
+    async def _build(self, portrait):
+        """The client's animator, made on the shared engine's thread when there is one: the models' work
+        stays on the thread that owns them, and no other thread keeps an OpenMP pool that would throttle
+        the engine's (avatar/openmp.py)."""
+        if self.engine is not None:
+            return await asyncio.wrap_future(self.engine.call(self.make_animator, portrait))
+        return await asyncio.to_thread(self.make_animator, portrait)
 
     def _start(self, animator) -> Avatar:
         from .session import Session

@@ -35,6 +35,7 @@ import collections
 import numpy as np
 
 from avatar.media import Splitter, Upsampler
+from avatar.openmp import release_openmp_threads
 from avatar.timebase import SAMPLE_RATE, SAMPLES_PER_FRAME
 from models.errors import AnitalkerError
 
@@ -94,6 +95,9 @@ class Session:
         if getattr(self.time, "virtual", False):
             self.time.settle = self._settle
             self.time.on_block = lambda: loop.call_soon_threadsafe(self._progress.set)
+        # the models run on the engine's thread from here; this thread's idle OpenMP workers (left from
+        # loading and measuring them) would make GNU OpenMP throttle the engine's (avatar/openmp.py)
+        release_openmp_threads()
         engine = self.engine or EngineWorker().start()
         self.worker = engine.attach(self.animator, loop, lambda: self._gen, self._on_frame, self._on_done,
                                     self._on_engine_error, self.time.now)

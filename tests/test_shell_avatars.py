@@ -331,7 +331,10 @@ def test_a_token_server_takes_any_host_name_but_checks_the_token():
 
 
 def test_sessions_of_the_real_engine_share_the_loaded_models_and_wear_their_own_portraits(tiny_checkpoints, one_thread):
-    """Two clients of the tiny StreamingAnimator: one loaded Models, two portraits, two different videos."""
+    """Two clients of the tiny StreamingAnimator: one loaded Models, two portraits, two different videos; each
+    client's engine is made on the engine's thread (no other thread keeps an OpenMP pool: avatar/openmp.py)."""
+    import threading
+
     from PIL import Image
     from websockets.asyncio.client import connect
 
@@ -343,7 +346,10 @@ def test_sessions_of_the_real_engine_share_the_loaded_models_and_wear_their_own_
     models = load_models(tiny_checkpoints, "hubert_audio_only", "cpu")
     bundled = load_image(asset_path("portrait.jpg"))
 
+    made_on = []
+
     def make(rgb):
+        made_on.append(threading.current_thread())
         code = encode_portrait(models, to_tensor(prepare_portrait(bundled if rgb is None else rgb).image))
         return StreamingAnimator(models, code, StreamConfig(hop=5, context=5, lookahead=2, audio_context=10, steps=3))
 
@@ -371,6 +377,7 @@ def test_sessions_of_the_real_engine_share_the_loaded_models_and_wear_their_own_
     try:
         pooled(go, make=make, engine=engine)
         assert engine.sessions == 0                                          # both left, it runs on
+        assert len(made_on) == 4 and all(t is engine._thread for t in made_on)   # 2 opened, 2 portraits
     finally:
         engine.stop()
 
