@@ -6,9 +6,9 @@ As in `anitalker live --fast`: the models are built, compiled and measured on th
 it a pool of OpenMP workers), then a worker thread runs the streaming engine while speech arrives at real
 time, a frame's worth every 40 ms, each chunk due a lead later (22 frames, where live settles); the engine
 draws the frames it can still show on time. "kept": the main thread's pool stays (as before
-avatar/openmp.py); "released": the main thread calls release_openmp_threads() first, as Session.run does. Each run is a fresh process
-(the pools are per process), the two alternate round by round. Full-size random weights unless
---checkpoints. Reports drawn frames/s, the engine's render ms/frame and features+motion ms/hop, and
+avatar/openmp.py); "released": the main thread calls release_openmp_threads() first, as Session.run does.
+Each run is a fresh process (the pools are per process), the two alternate round by round. Full-size
+random weights unless --checkpoints. Reports drawn frames/s, the engine's render ms/frame and features+motion ms/hop, and
 context switches/s of the process; writes bench/results/omp_pools.json and prints a table.
 """
 from __future__ import annotations
