@@ -74,7 +74,9 @@ class OpenVinoDenoiser:
             # traced without autocast (the engine samples under it): OpenVINO has no rule for autocast's
             # casts, and its precision hint sets the compute type itself
             with torch.no_grad(), torch.autocast("cpu", enabled=False), warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)   # shapes are fixed per model
+                # the tracer warns of values taken from the example's shapes; `input` makes batch and frames
+                # dynamic, and other window lengths match torch (tests/test_openvino_denoiser.py)
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 # openvino's PyTorch frontend traces with torch.jit.trace, which torch 2.13 calls deprecated
                 warnings.simplefilter("ignore", DeprecationWarning)
                 model = ov.convert_model(_Step(self._model), example_input=tuple(inputs), input=shapes)
