@@ -8,7 +8,7 @@ import wave
 import numpy as np
 import pytest
 
-from avatar.media import read_video_info
+from avatar.media import VideoWriter, read_video_info
 from models.errors import AnitalkerError
 from streaming.clock import FakeTime
 from streaming.live import add_live_parser, cmd_devices, cmd_live
@@ -36,6 +36,27 @@ def test_file_sink_writes_a_decodable_mp4(tmp_path):
     assert (info["width"], info["height"], info["fps"]) == (64, 64, 25.0)
     assert info["audio_seconds"] == pytest.approx(2.0, abs=1e-3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "out.mp4"]   # no temporary file left
+    # recorded beside a live engine: x264's fastest preset (subme 0) on one thread
+    opts = x264_options(out)
+    assert (opts["subme"], opts["threads"]) == ("0", "1")
+
+
+def x264_options(path) -> dict:
+    """The encoder settings x264 writes into the stream (its SEI "options:" line)."""
+    data = path.read_bytes()
+    line = data[data.index(b"options: ") + 9:].split(b"\x00", 1)[0].decode()
+    return dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+
+
+def test_video_writer_keeps_quality_settings_off_live(tmp_path):
+    """An offline render is not racing an engine: x264's default preset (medium: subme 7) stays."""
+    frames = np.random.default_rng(0).integers(0, 255, (10, 64, 64, 3), np.uint8)
+    for live, subme in ((False, "7"), (True, "0")):
+        w = VideoWriter(tmp_path / f"{live}.mp4", audio=False, live=live)
+        for f in frames:
+            w.write(f)
+        w.close()
+        assert x264_options(tmp_path / f"{live}.mp4")["subme"] == subme
 
 
 class FakeCamBackend:
