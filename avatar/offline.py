@@ -104,10 +104,8 @@ def render_file(models: Models, portrait_path, audio_path, out_path, *, controls
                 steps: int = 50, seed: int = 0, crop: bool = True, paste_back: bool = False,
                 watermark: str | None = None, batch: int | None = None, progress: bool = True) -> Timings:
     """Render ``out_path`` (H.264 + AAC, 25 fps) in one pass over the utterance, as the official code does.
-    Nothing is written unless every step succeeds. batch: frames per renderer call (default: 16 on a GPU,
-    not measured there yet; 1 on a CPU, as before)."""
-    if batch is None:
-        batch = 16 if models.device.type == "cuda" else 1
+    Nothing is written unless every step succeeds. batch: frames per renderer call (default: the models'
+    clip_batch: 16 on a GPU, not measured there yet; 2 compiled on a CPU, 1 otherwise)."""
     timings = Timings()
     with timings("portrait"):
         original = load_image(portrait_path)

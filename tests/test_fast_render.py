@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avatar.pipeline import Models, Speed, compile_frozen
+from avatar.pipeline import Models, PortraitCode, Speed, compile_frozen, render
 from models import stage1 as s1
 
 from test_stage1 import portrait, tiny
@@ -66,6 +66,14 @@ def test_frozen_compile_prepacks_the_weights_and_keeps_the_frames():
         plain = alpha.clone()                         # a code made outside inference_mode (the live engine's)
     models._render(wa, plain, feats)
     assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    # a whole clip goes in pairs through one batch-2 graph: an odd count's last pair is padded, cut off
+    assert models.clip_batch == 2
+    clip = torch.cat(list(render(models, PortraitCode(wa, alpha0, feats), alphas)))
+    torch.testing.assert_close(clip, m.render(wa, alphas, feats), rtol=0, atol=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    five = torch.cat([alphas, alpha0 + 0.05, alpha0 + 0.2])
+    torch.testing.assert_close(models._render_clip(wa, five, feats), m.render(wa, five, feats), rtol=0, atol=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     if torch.backends.mkldnn.is_available():
         with torch.profiler.profile() as prof:
             models._render(wa, alpha, feats)
