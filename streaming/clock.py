@@ -16,7 +16,7 @@ import asyncio
 import collections
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -103,6 +103,9 @@ class ClockStats:
     held: int = 0                # engine frames shown with the last image (not drawn in time)
     late_max_s: float = 0.0      # worst wake-up lateness
     slips: int = 0               # re-anchors after falling more than MAX_LATE_S behind
+    # slots each of the recent pictures stayed on screen (held and repeated slots included): 1 at the full
+    # frame rate; runs of several slots are what a viewer sees as the picture freezing
+    shown_for: collections.deque = field(default_factory=lambda: collections.deque(maxlen=5000))
 
 
 class Outlet:
@@ -186,6 +189,7 @@ class Clock:
         self.k = 0
         self.slot_time = None    # when the slot being decided is due (next_frame may read it)
         self._last = None        # the last frame drawn: what the viewer sees now
+        self._shown = 0          # slots it has been on screen
         self.outlets: dict[int, Outlet] = {}
 
     async def run(self, next_frame) -> None:
@@ -225,7 +229,10 @@ class Clock:
             self.stats.held += 1
         else:
             frame = AvFrame(frame.image, frame.audio, self.k, frame.pushed_at, frame.produced_at, frame.meta)
-            self._last = frame
+            if self._last is not None:
+                self.stats.shown_for.append(self._shown)
+            self._last, self._shown = frame, 0
+        self._shown += 1
         self.stats.frames += 1
         if self.on_release is not None:
             self.on_release(frame, t)

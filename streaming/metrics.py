@@ -11,7 +11,7 @@ import collections
 
 import numpy as np
 
-from avatar.timebase import SAMPLE_RATE
+from avatar.timebase import FPS, SAMPLE_RATE
 
 
 class Metrics:
@@ -66,6 +66,9 @@ class Metrics:
                "drawn_fps": round((st.frames - st.repeats - st.held - 1) / span, 2) if span else None,
                "first_audio_to_frame_ms": first, "latency_p50_ms": pct(self.latencies, 50),
                "latency_p95_ms": pct(self.latencies, 95), "engine_p50_ms": pct(self.engine, 50),
+               # how long a picture stays on screen (p95, longest): one slot (40 ms) at the full frame rate
+               "picture_p95_ms": round(1000 / FPS * float(np.percentile(st.shown_for, 95)), 1) if st.shown_for else None,
+               "picture_max_ms": round(1000 / FPS * max(st.shown_for), 1) if st.shown_for else None,
                "late_max_ms": round(1000 * st.late_max_s, 1), "slips": st.slips,
                "interrupts": self.interrupts, "preempted": self.preempted, "errors": self.errors, "bad_frames": self.bad_frames,
                "dropped_input_ms": round(1000 * dropped_samples / SAMPLE_RATE, 1),

@@ -174,3 +174,37 @@ def test_an_interrupt_before_the_first_picture_is_shown(tiny):
 
     out, s = asyncio.run(main())
     assert len(out) == 50 and out[0].image is not None and s["interrupts"] == 1
+
+
+def test_a_slow_engine_spreads_the_frames_it_draws_over_the_hop(tiny):
+    """The engine of `live --fast` on 2 cores: a drawn frame costs 45 ms, a hop's features and motion 170
+    ms, so about half of a hop's ten frames can be drawn. They are spread over the hop (a new picture every
+    other slot), as many as drawing while time lasts drew, which drew them back to back and then held the
+    picture for the rest of the hop (runs of 1, 1, 1, 1, 6 slots: frozen 240 ms every hop)."""
+    clock = FakeTime()
+    animator = slow_animator(tiny, clock, render_s=0.045, motion_s=0.17)
+
+    async def main():
+        async with Session(animator, time_source=clock) as session:
+            out = await speak(session, tone(8.0))
+            return out, session.summary()
+
+    out, s = asyncio.run(main())
+    shown = list(session_runs(out))
+    settled = shown[len(shown) // 4:]                      # after the lead has learnt the compute
+    assert s["drawn_fps"] >= 10.5                          # drawing while time lasts: 11.2
+    assert max(settled) <= 3, settled                      # that way: 6
+    # the session's own measure of it: the picture's time on screen over the whole session
+    assert abs(s["picture_p95_ms"] - 1000 / FPS * np.percentile(shown, 95)) <= 1000 / FPS
+
+
+def session_runs(frames):
+    """Slots each drawn picture stayed on screen, from the frames a session showed."""
+    run = None
+    for f in frames:
+        if not f.meta.get("repeat") and not f.meta.get("held"):
+            if run is not None:
+                yield run
+            run = 0
+        if run is not None:
+            run += 1
