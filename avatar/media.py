@@ -390,9 +390,8 @@ class VideoWriter:
         self._size = _even(image).shape[:2]
         self._video = self._box.add_stream("libx264", rate=self.fps)
         self._video.height, self._video.width = self._size
-        self._video.pix_fmt, self._video.options = "yuv420p", {"crf": "18"}
-        if self.live:
-            self._video.options = {"crf": "18", "preset": "ultrafast", "threads": "1"}
+        options = {"crf": "18"} | ({"preset": "ultrafast", "threads": "1"} if self.live else {})
+        self._video.pix_fmt, self._video.options = "yuv420p", options
         if self.has_audio:
             channels = 1 if audio is None or np.ndim(audio) == 1 else np.shape(audio)[1]
             self._layout = {1: "mono", 2: "stereo"}.get(channels)
