@@ -216,24 +216,27 @@ STAGE1_ONLY = "stage1_only"     # Models.infer_type when no stage-2 model is loa
 def _fixed_batch(render, size: int):
     """render(wa, alpha, feats) in calls of exactly ``size`` frames, with alpha an inference tensor: a
     compiled renderer (dynamic=False) would compile a graph for every batch size the live engine happens to
-    draw (tens of seconds each, while the picture holds). A last group short of ``size`` is filled with
-    copies of its last frame, cut off again (a frame's picture depends on its own row only)."""
+    draw (tens of seconds each, while the picture holds). A last group short of ``size`` is padded
+    (_padded)."""
     @functools.wraps(render)
     def call(wa, alpha, feats):
         if torch.is_inference_mode_enabled() and not alpha.is_inference():
             # dynamo guards on it: a code made outside inference_mode (the live engine's) recompiled the
             # graph the start-up probe had compiled, which with freezing took ~20 s while the picture held
             alpha = alpha.clone()
-        k = alpha.shape[0]
-        if k == size:
+        if alpha.shape[0] == size:
             return render(wa, alpha, feats)
-        out = []
-        for a in range(0, k, size):
-            idx = torch.arange(a, a + size, device=alpha.device).clamp_(max=k - 1)
-            rows = lambda t: t if t.shape[0] == 1 else t[idx]     # noqa: E731  (batch 1 broadcasts)
-            out.append(render(rows(wa), alpha[idx], [rows(f) for f in feats])[:min(size, k - a)])
-        return torch.cat(out)
+        return torch.cat([_padded(render, wa, alpha, feats, a, size) for a in range(0, alpha.shape[0], size)])
     return call
+
+
+def _padded(render, wa, alpha, feats, start: int, size: int):
+    """The frames [start, start + size) of a batch rendered as exactly ``size`` rows: rows past alpha's
+    are copies of its last frame, cut off again (a frame's picture depends on its own row only)."""
+    k = alpha.shape[0]
+    idx = torch.arange(start, start + size, device=alpha.device).clamp_(max=k - 1)
+    rows = lambda t: t if t.shape[0] == 1 else t[idx]     # noqa: E731  (batch 1 broadcasts)
+    return render(rows(wa), alpha[idx], [rows(f) for f in feats])[:min(size, k - start)]
 
 
 def compile_graphs(models: Models, **options) -> None:
@@ -250,9 +253,8 @@ def compile_graphs(models: Models, **options) -> None:
 def _bucketed(render, unit: int = 10, most: int = 80):
     """render(wa, alpha, feats) at a few batch sizes only: unit, 2 unit, 4 unit, ... frames (unit: a hop;
     several sessions' hops stack), at most ``most`` a call: more frames (32 sessions' hops) go in calls of
-    ``most``, so one graph's activations stay a few GB and no new size is captured per session count. The
-    rows past alpha's are copies of its last frame, cut off again: a frame's picture depends on its own
-    row only."""
+    ``most``, so one graph's activations stay a few GB and no new size is captured per session count
+    (padded as _padded does)."""
     @functools.wraps(render)
     def call(wa, alpha, feats):
         k = len(alpha)
@@ -260,10 +262,7 @@ def _bucketed(render, unit: int = 10, most: int = 80):
             part = lambda t, a: t if t.shape[0] == 1 else t[a:a + most]     # noqa: E731
             return torch.cat([call(part(wa, a), alpha[a:a + most], [part(f, a) for f in feats])
                               for a in range(0, k, most)])
-        size = min(most, unit * (1 << (-(-k // unit) - 1).bit_length()))
-        idx = torch.arange(size, device=alpha.device).clamp_(max=k - 1)
-        rows = lambda t: t if t.shape[0] == 1 else t[idx]     # noqa: E731  (batch 1 broadcasts)
-        return render(rows(wa), alpha[idx], [rows(f) for f in feats])[:k]
+        return _padded(render, wa, alpha, feats, 0, min(most, unit * (1 << (-(-k // unit) - 1).bit_length())))
     return call
 
 

@@ -129,9 +129,9 @@ class FileSink(BlockingSink):
     """A video file (mp4, mov or mkv by the name), encoded on its own thread by avatar.media.VideoWriter
     (its live settings: x264's fastest preset, one thread) as frames arrive and renamed into place at
     close, never a half file. The sound is the frames' 48 kHz (meta["audio48k"]), 1,920 samples a frame.
-    keep(), asked at close, says whether
-    the recording is wanted: False (the session failed, or an interrupt cut its input short) discards it and
-    leaves an existing file untouched; so do abort() (the session failed) and a failed write."""
+    keep(), asked at close, says whether the recording is wanted: False (the session failed, or an
+    interrupt cut its input short) discards it and leaves an existing file untouched; so do abort() (the
+    session failed) and a failed write."""
     max_queue = 250             # 10 s: an encoder slower than real time for a while loses nothing
 
     def __init__(self, path, keep=None):
