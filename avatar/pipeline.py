@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from models.checkpoints import load_stage1, load_stage2
-from models.precision import prepare_bf16
+from models.precision import can_pack, pack_linears, prepare_bf16
 from models.errors import AnitalkerError
 from models.frontend import HubertFrontend, hubert_model_input, load_hubert, mfcc_features, mfcc_model_input
 from models.sampler import ddim_sample, ddim_schedule
@@ -340,6 +340,8 @@ def load_models(checkpoints: str | Path | None = None, infer_type: str = DEFAULT
         prepare_bf16(stage2)
         if hubert is not None:
             prepare_bf16(hubert.model)
+            if can_pack(dev):   # streamed HuBERT's matmuls multiply ~30 rows: weight reorders dominated
+                pack_linears(hubert.model.encoder)
     return Models(load_stage1(stage1_path, dev), stage2, hubert, dev, speed)
 
 

@@ -220,7 +220,7 @@ class IncrementalHubert:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.encoder.layers[0].attention.q_proj.weight.dtype
+        return self.model.feature_projection.projection.weight.dtype   # the encoder's may be packed
 
     @torch.inference_mode()
     def block(self, wave, commit: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ import parity_fixtures
 from models.errors import AnitalkerError, CheckpointError
 from models.frontend import (IncrementalHubert, hubert_model_input, load_hubert, mfcc_features,
                              mfcc_model_input, normalize_wave, write_hubert_folder)
+from models.precision import PackedLinear, can_pack, pack_linears, prepare_bf16
 
 CASE = parity_fixtures.CASE_A
 NEW_G = "encoder.pos_conv_embed.conv.parametrizations.weight.original0"
@@ -226,3 +227,32 @@ def test_hubert_too_short_audio(hubert):
     assert hubert.states(np.zeros(400, np.float32)).shape == (3, 2, 64)
     with pytest.raises(AnitalkerError, match="too short"):
         hubert.states(np.zeros(399, np.float32))
+
+
+@pytest.mark.skipif(not can_pack(torch.device("cpu")), reason="this CPU has no native bf16 matmul (oneDNN)")
+def test_packed_linears_are_bitwise_the_plain_bf16_ones(hubert, fx):
+    """Weights reordered once for oneDNN (pack_linears) give the products F.linear gives under bf16 autocast,
+    bit for bit, for any number of rows and for float32 or bf16 inputs; the streamed block over a packed
+    HuBERT equals the block over the same bf16 weights unpacked."""
+    import copy
+
+    lin = torch.nn.Linear(48, 80).to(torch.bfloat16)
+    packed = PackedLinear(lin, rows=30)
+    for rows in (1, 7, 30, 130):
+        x = torch.randn(2, rows, 48)
+        with torch.autocast("cpu", torch.bfloat16):
+            want = lin(x)
+        assert torch.equal(packed(x), want) and torch.equal(packed(x.bfloat16()), want)
+
+    plain = prepare_bf16(copy.deepcopy(hubert.model))
+    packed_model = copy.deepcopy(plain)
+    n = pack_linears(packed_model.encoder)
+    assert n == 6 * len(plain.encoder.layers)            # q, k, v, out; the two feed-forward layers
+    assert pack_linears(packed_model.encoder) == 0       # nothing left to pack
+    x = normalize_wave(fx["wave"])
+    def blocks(model):                                   # two blocks: the second attends to the first's cache
+        inc = IncrementalHubert(model, context=10)
+        with torch.autocast("cpu", torch.bfloat16):
+            return [inc.block(x[a:a + 320 * 12], 10) for a in (0, 320 * 10)]
+    for got, want in zip(blocks(packed_model), blocks(plain)):
+        assert torch.equal(got, want)

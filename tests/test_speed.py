@@ -7,6 +7,7 @@ import torch
 
 import avatar.pipeline as pipeline
 from avatar.pipeline import Models, Speed, encode_portrait, load_models, render
+from models.precision import PackedLinear, can_pack
 from models.errors import AnitalkerError
 
 from conftest import tiny_stage1
@@ -93,7 +94,9 @@ def test_bf16_mode_prepares_weights_once_without_changing_the_results(tiny_check
     m = load_models(tiny_checkpoints, "hubert_audio_only", "cpu", Speed(precision="bf16"))
     assert m.stage2.coarse_decoder.encoders[0].self_attn.linear_q.weight.dtype == torch.bfloat16
     assert m.stage2.coarse_decoder.encoders[0].norm_ff.weight.dtype == torch.float32
-    assert m.hubert.model.encoder.layers[0].feed_forward.intermediate_dense.weight.dtype == torch.bfloat16
+    dense = m.hubert.model.encoder.layers[0].feed_forward.intermediate_dense
+    assert (dense.dtype if can_pack(m.device) else dense.weight.dtype) == torch.bfloat16
+    assert isinstance(dense, PackedLinear) == can_pack(m.device)
     assert m.stage1.dec.convs[0].conv.weight.dtype == torch.float32
     fp32 = load_models(tiny_checkpoints, "hubert_audio_only", "cpu")
     plain = Models(fp32.stage1, fp32.stage2, fp32.hubert, fp32.device, Speed(precision="bf16"))
