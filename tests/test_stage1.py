@@ -245,3 +245,15 @@ def test_subpixel_upsampling_keeps_full_size_parity():
     frame = m.render(wa, alpha, feats)
     assert (frame.numpy() - a["frames"][:1]).__abs__().max() < 2e-3
     assert (frame - ref).abs().max() < 1e-3
+
+
+def test_skip_upsampling_stays_float32_under_bf16_autocast():
+    """The 3-channel skips' upsampling computes in fp32 under bf16 autocast (oneDNN's bf16 depthwise
+    transposed conv is the slow one there), equal to the fp32 computation; a bf16 model gets bf16 back."""
+    up = s1.Upsample()
+    x = torch.randn(2, 3, 16, 12)
+    ref = up(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = up(x)
+    assert got.dtype == torch.float32 and torch.equal(got, ref) and got.shape == (2, 3, 32, 24)
+    assert up(x.bfloat16()).dtype == torch.bfloat16
