@@ -295,7 +295,10 @@ class ModulatedConv2d(nn.Module):
         if not self.subpixel:
             return self.blur(F.conv_transpose2d(x, w, stride=2), bias)
         h, wd = x.shape[-2:]
-        return self.blur(_shuffle(F.conv2d(x, w, padding=1))[..., :2 * h + 1, :2 * wd + 1], bias)
+        # the crop made dense here: compiled, the shuffle's copy writes the cropped layout at once; else
+        # the blur's conv copied the cropped view again (1.9 ms for the 257 px one, bf16, 2 threads)
+        y = _shuffle(F.conv2d(x, w, padding=1))[..., :2 * h + 1, :2 * wd + 1]
+        return self.blur(y.contiguous(memory_format=torch.channels_last), bias)
 
     def forward(self, x: Tensor, style: Tensor, bias: Tensor | None = None, gain: float = 1.0) -> Tensor:
         """x (B|1, I, H, W), style (B, S), bias (1, O, 1, 1) -> gain * modconv(x) + bias (B, O, H', W')."""

@@ -75,10 +75,13 @@ def test_frozen_compile_prepacks_the_weights_and_keeps_the_frames():
     torch.testing.assert_close(models._render_clip(wa, five, feats), m.render(wa, five, feats), rtol=0, atol=1e-4)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     if torch.backends.mkldnn.is_available():
-        with torch.profiler.profile() as prof:
+        with torch.profiler.profile(record_shapes=True) as prof:
             models._render(wa, alpha, feats)
         ops = {e.key for e in prof.key_averages()}
         assert "mkldnn::_convolution_pointwise" in ops, sorted(o for o in ops if "conv" in o)
+        # the sub-pixel output's crop is written dense by the compiled shuffle, not copied again for the blur
+        copies = [e.input_shapes for e in prof.key_averages(group_by_input_shape=True) if e.key == "aten::copy_"]
+        assert not [s for s in copies if s and len(s[0]) == 4], copies
     assert Models(m, None, None, torch.device("cpu")).stage1 is m
     assert all(c.fold_style for c in m.modules() if isinstance(c, s1.ModulatedConv2d))   # eager: folded again
     assert compile_frozen(m.render).__wrapped__ == m.render
