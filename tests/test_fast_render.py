@@ -85,3 +85,18 @@ def test_frozen_compile_prepacks_the_weights_and_keeps_the_frames():
     assert Models(m, None, None, torch.device("cpu")).stage1 is m
     assert all(c.fold_style for c in m.modules() if isinstance(c, s1.ModulatedConv2d))   # eager: folded again
     assert compile_frozen(m.render).__wrapped__ == m.render
+
+
+@torch.inference_mode()
+def test_compiled_styles_are_one_matmul_equal_to_each_convs_own():
+    """Compiled, the decoder computes every modulated conv's style in one matmul over the concatenated
+    modulation weights (Synthesis.styles); eager, each conv computes its own (None)."""
+    dec = tiny().dec
+    latent = torch.randn(2, dec.conv1.conv.modulation.weight.shape[1])
+    assert all(s is None for s in dec.styles(latent))
+    got = torch.compile(dec.styles, dynamic=False)(latent)
+    mods = [dec.conv1.conv] + [m for i in range(len(dec.to_flows))
+                               for m in (dec.convs[2 * i].conv, dec.convs[2 * i + 1].conv, dec.to_flows[i].conv)]
+    assert len(got) == len(mods)
+    for s, m in zip(got, mods):
+        torch.testing.assert_close(s, m.modulation(latent), rtol=1e-5, atol=1e-5)
