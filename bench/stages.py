@@ -44,7 +44,7 @@ from avatar.portrait import asset_path, load_image, prepare_portrait, to_tensor 
 from bench.offline import HUBERT_LARGE  # noqa: E402
 from bench.stream import speech  # noqa: E402
 from models.frontend import HubertFrontend  # noqa: E402
-from models.precision import prepare_bf16  # noqa: E402
+from models.precision import can_pack, pack_linears, prepare_bf16  # noqa: E402
 from models.stage1 import Stage1  # noqa: E402
 from models.stage2 import Stage2, Stage2Dims  # noqa: E402
 
@@ -62,6 +62,8 @@ def build(precision: str):
     if precision == "bf16":
         prepare_bf16(hubert.model)
         prepare_bf16(stage2)
+        if can_pack(torch.device("cpu")):          # as load_models does for --fast
+            pack_linears(hubert.model.encoder)
     m = Models(Stage1().eval(), stage2, hubert, torch.device("cpu"), Speed(precision=precision))
     img = to_tensor(prepare_portrait(load_image(asset_path("portrait.jpg"))).image)
     with torch.inference_mode():
