@@ -336,13 +336,20 @@ def load_models(checkpoints: str | Path | None = None, infer_type: str = DEFAULT
         raise AnitalkerError(f"{stage2_path} holds a {stage2.dims.infer_type} model, not {infer_type}; "
                              f"pass --infer-type {stage2.dims.infer_type} or replace the file")
     hubert = load_hubert(hubert_dir, dev) if hubert_dir is not None else None
-    if speed.resolve(dev).precision == "bf16":   # cast the matmul weights once, not per autocast call
-        prepare_bf16(stage2)
-        if hubert is not None:
-            prepare_bf16(hubert.model)
-            if can_pack(dev):   # streamed HuBERT's matmuls multiply ~30 rows: weight reorders dominated
-                pack_linears(hubert.model.encoder)
+    if speed.resolve(dev).precision == "bf16":
+        prepare_bf16_models(stage2, hubert, dev)
     return Models(load_stage1(stage1_path, dev), stage2, hubert, dev, speed)
+
+
+def prepare_bf16_models(stage2: Stage2, hubert: HubertFrontend | None, device: torch.device) -> None:
+    """In place, for the bf16 mode: the matmul weights of stage 2 and HuBERT cast once, not per autocast
+    call; where oneDNN computes bf16 natively HuBERT's encoder linears also pre-packed (streamed HuBERT
+    multiplies ~30 rows a hop, so oneDNN's per-call weight reorders dominated)."""
+    prepare_bf16(stage2)
+    if hubert is not None:
+        prepare_bf16(hubert.model)
+        if can_pack(device):
+            pack_linears(hubert.model.encoder)
 
 
 @torch.inference_mode()

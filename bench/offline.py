@@ -27,10 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from avatar.media import write_mp4  # noqa: E402
-from avatar.pipeline import Models, Speed, encode_portrait, generate_motion, render  # noqa: E402
+from avatar.pipeline import Models, Speed, encode_portrait, generate_motion, prepare_bf16_models, render  # noqa: E402
 from avatar.portrait import asset_path, load_image, prepare_portrait, to_tensor, to_uint8  # noqa: E402
 from models.frontend import HubertFrontend  # noqa: E402
-from models.precision import can_pack, pack_linears, prepare_bf16  # noqa: E402
 from models.stage1 import Stage1  # noqa: E402
 from models.stage2 import Stage2, Stage2Dims  # noqa: E402
 
@@ -51,10 +50,9 @@ def with_speed(m: Models, speed: Speed) -> Models:
     hubert, stage2 = m.hubert, m.stage2
     if speed.resolve(m.device).precision == "bf16":
         import copy
-        hubert = HubertFrontend(prepare_bf16(copy.deepcopy(hubert.model)), hubert.do_normalize)
-        if can_pack(m.device):                     # as load_models does
-            pack_linears(hubert.model.encoder)
-        stage2 = prepare_bf16(copy.deepcopy(stage2))
+        hubert = HubertFrontend(copy.deepcopy(hubert.model), hubert.do_normalize)
+        stage2 = copy.deepcopy(stage2)
+        prepare_bf16_models(stage2, hubert, m.device)        # as load_models does
     return Models(m.stage1, stage2, hubert, m.device, speed)
 
 

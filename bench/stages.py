@@ -39,12 +39,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from avatar.features import StreamingFeatures  # noqa: E402
 from avatar.motion import MotionConfig, MotionStream  # noqa: E402
-from avatar.pipeline import Models, Speed, compile_frozen, cpu_name, encode_portrait, native_bf16  # noqa: E402
+from avatar.pipeline import (Models, Speed, compile_frozen, cpu_name, encode_portrait, native_bf16,  # noqa: E402
+                             prepare_bf16_models)
 from avatar.portrait import asset_path, load_image, prepare_portrait, to_tensor  # noqa: E402
 from bench.offline import HUBERT_LARGE  # noqa: E402
 from bench.stream import speech  # noqa: E402
 from models.frontend import HubertFrontend  # noqa: E402
-from models.precision import can_pack, pack_linears, prepare_bf16  # noqa: E402
 from models.stage1 import Stage1  # noqa: E402
 from models.stage2 import Stage2, Stage2Dims  # noqa: E402
 
@@ -60,10 +60,7 @@ def build(precision: str):
     hubert = HubertFrontend(HubertModel(HubertConfig(**HUBERT_LARGE)).eval())
     stage2 = Stage2(Stage2Dims()).eval()
     if precision == "bf16":
-        prepare_bf16(hubert.model)
-        prepare_bf16(stage2)
-        if can_pack(torch.device("cpu")):          # as load_models does for --fast
-            pack_linears(hubert.model.encoder)
+        prepare_bf16_models(stage2, hubert, torch.device("cpu"))     # as load_models does
     m = Models(Stage1().eval(), stage2, hubert, torch.device("cpu"), Speed(precision=precision))
     img = to_tensor(prepare_portrait(load_image(asset_path("portrait.jpg"))).image)
     with torch.inference_mode():

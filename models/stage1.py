@@ -570,7 +570,7 @@ class Synthesis(nn.Module):
         for i in range(len(self.to_flows)):
             mods += [self.convs[2 * i].conv.modulation, self.convs[2 * i + 1].conv.modulation,
                      self.to_flows[i].conv.modulation]
-        if not torch.compiler.is_compiling() or latent.dim() != 2:
+        if not torch.compiler.is_compiling():
             return [None] * len(mods)
         # one style_dim, one scale; as F.linear, the frozen graph runs it as a pre-packed oneDNN linear
         weight, bias = torch.cat([m.weight for m in mods]) * mods[0].scale, torch.cat([m.bias for m in mods])
