@@ -18,14 +18,17 @@ from streaming.testing import ToneAnimator, decode_pts, stand_in_room  # noqa: E
 
 
 class Recorder:
-    """What the runner hands its AVSynchronizer, in order (it publishes exactly this)."""
+    """What the runner hands its AVSynchronizer, in order (it publishes exactly this). audio_wait: seconds
+    each AudioFrame's push takes, as when the AudioSource's queue is full."""
 
-    def __init__(self, runner):
+    def __init__(self, runner, audio_wait: float = 0.0):
         self.items = []
         push = runner.av_sync.push
 
         async def recording_push(frame, timestamp=None):
             self.items.append(frame)
+            if audio_wait and isinstance(frame, rtc.AudioFrame):
+                await asyncio.sleep(audio_wait)
             await push(frame, timestamp)
 
         runner.av_sync.push = recording_push
@@ -49,13 +52,13 @@ async def tts(output: QueueAudioOutput, pcm: np.ndarray, rate: int, ms: int = 20
         output.flush()
 
 
-async def start_runner(video, **runner_kw):
+async def start_runner(video, audio_wait: float = 0.0, **runner_kw):
     room = stand_in_room()
     output = QueueAudioOutput(wait_playback_start=True)
     finished = asyncio.Queue()
     output.on("playback_finished", finished.put_nowait)
     runner = AvatarRunner(room, audio_recv=output, video_gen=video, options=avatar_options(video), **runner_kw)
-    rec = Recorder(runner)
+    rec = Recorder(runner, audio_wait)
     await runner.start()
     return room, output, runner, rec, finished
 
@@ -146,13 +149,15 @@ def test_any_rate_and_channels_play_in_full():
     assert np.abs(answer).min(initial=0) == 0 and np.median(answer[1920:-1920]) > 1000   # the 24 kHz ramp
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.3])
-def test_interrupt_mid_utterance_reports_the_played_position(delay):
+@pytest.mark.parametrize("delay,audio_wait", [(0.0, 0.0), (0.3, 0.0), (0.0, 0.03)])
+def test_interrupt_mid_utterance_reports_the_played_position(delay, audio_wait):
     """clear_buffer (what AgentSession does when the user barges in) after about 0.8 s of a 3 s answer:
-    playback_finished says interrupted at the position played, and no speech follows."""
+    playback_finished says interrupted at the position played, and no speech follows. audio_wait: each
+    AudioFrame's push waits 30 ms (a full AudioSource), so the barge-in lands while the runner is still
+    pushing a frame it has not yet counted; that frame is played all the same and must be counted."""
     async def main():
         video = AvatarVideo(ToneAnimator(delay=delay, hop=5 if delay else 1))
-        room, output, runner, rec, finished = await start_runner(video)
+        room, output, runner, rec, finished = await start_runner(video, audio_wait)
         await tts(output, ramp(16000 * 3), 16000, flush=False)
         while len(rec.speech()) < 20:
             await asyncio.sleep(0.01)
@@ -175,11 +180,13 @@ def test_interrupt_mid_utterance_reports_the_played_position(delay):
     assert not extra_event and cut == 0
 
 
-def test_interrupt_then_next_answer_starts_from_zero():
-    """After a barge-in the next answer is a new segment: its position counts from zero."""
+@pytest.mark.parametrize("audio_wait", [0.0, 0.03])
+def test_interrupt_then_next_answer_starts_from_zero(audio_wait):
+    """After a barge-in the next answer is a new segment: its position counts from zero (also when the
+    barge-in lands while a frame's push is under way: its duration must not be added after the reset)."""
     async def main():
         video = AvatarVideo(ToneAnimator())
-        room, output, runner, rec, finished = await start_runner(video)
+        room, output, runner, rec, finished = await start_runner(video, audio_wait)
         await tts(output, ramp(16000 * 2), 16000, flush=False)
         while len(rec.speech()) < 10:
             await asyncio.sleep(0.01)

@@ -74,6 +74,8 @@ class AvatarVideo(VideoGenerator):
         self.size = tuple(video_size) if video_size else _image_size(animator)
         self._run: asyncio.Task | None = None
         self._iterated = False
+        self._counted = asyncio.Event()     # set while no AudioFrame is out with the runner, uncounted
+        self._counted.set()
 
     async def push_audio(self, frame: rtc.AudioFrame | AudioSegmentEnd) -> None:
         if isinstance(frame, AudioSegmentEnd):
@@ -81,8 +83,16 @@ class AvatarVideo(VideoGenerator):
             return
         self.speech.push(from_pcm16(frame.data, frame.num_channels), frame.sample_rate)
 
-    def clear_buffer(self) -> None:
+    async def clear_buffer(self) -> None:
+        """The runner reads its playback position right after this returns, but it adds an AudioFrame's
+        duration only once its synchronizer has taken the frame (which awaits the AudioSource, and a barge-in
+        can land in that await). The frame is played all the same, so wait until the runner comes back for
+        the next item: the position then counts it, and the runner's reset to 0 is not undone by a late add."""
         self.speech.interrupt()
+        try:                            # bounded: a runner that stopped iterating never comes back
+            await asyncio.wait_for(self._counted.wait(), 1.0)
+        except asyncio.TimeoutError:
+            pass
 
     def __aiter__(self) -> AsyncIterator[rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd]:
         return self._stream()
@@ -97,10 +107,13 @@ class AvatarVideo(VideoGenerator):
                 yield self._video_frame(f.image)
                 if self.speech.live(f.meta.get("tags")):
                     hi = f.meta["audio48k"]
+                    self._counted.clear()
                     yield rtc.AudioFrame(pcm16(hi), OUT_RATE, 1, len(hi))
+                    self._counted.set()
                 for _ in self.speech.finished(f.meta.get("ended")):
                     yield AudioSegmentEnd()
         finally:
+            self._counted.set()         # a runner that stops iterating counts nothing more
             await self.aclose()
 
     def _video_frame(self, image: np.ndarray) -> rtc.VideoFrame:
