@@ -88,6 +88,41 @@ def test_frozen_compile_prepacks_the_weights_and_keeps_the_frames():
 
 
 @torch.inference_mode()
+def test_constant_kernels_fold_the_encoders_activation_into_its_convs():
+    """With constant kernels each activated ConvLayer of the encoder puts its bias and sqrt(2) gain into
+    the conv (leaky ReLU is positively homogeneous): float32 equal up to rounding, bitwise as before once
+    switched off, and a frozen compile under bf16 autocast (--fast) runs every such layer as one oneDNN conv
+    + bias + leaky ReLU op with no elementwise kernel of its own (unfolded, autocast's fp32 bias add kept
+    inductor from fusing them: a cast, add, leaky ReLU and gain pass over every activation)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+    m = tiny()
+    img = portrait()
+    ref_wa, ref_feats = m.enc.net_app(img)
+    m.set_constant_kernels(True)
+    layers = [c for c in m.enc.net_app.modules() if isinstance(c, s1.ConvLayer) and c.fold_activation
+              and isinstance(c[-1], s1.FusedLeakyReLU)]
+    assert len(layers) == 1 + 2 * (len(m.enc.net_app.convs) - 2)   # the 1x1 input layer, 2 per ResBlock
+    wa, feats = m.enc.net_app(img)
+    torch.testing.assert_close(wa, ref_wa, rtol=1e-5, atol=1e-5)
+    for f, r in zip(feats, ref_feats):
+        torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            alpha, code = run_and_get_code(compile_frozen(m.motion), img)
+        ref_alpha = m.enc.motion_code(ref_wa)
+        assert (alpha.float() - ref_alpha).norm() < 0.05 * ref_alpha.norm()
+        src = "\n".join(code)
+        fused = re.findall(r"_convolution_pointwise\.default\([^\n]*'leaky_relu'", src)
+        assert len(fused) == len(layers), src
+        assert not re.findall(r"def cpp_fused\w*leaky_relu|cpp_fused\w*leaky_relu\w*\(", src)
+    m.set_constant_kernels(False)
+    assert not any(c.fold_activation for c in layers)
+    assert torch.equal(m.enc.net_app(img)[0], ref_wa)
+
+
+@torch.inference_mode()
 def test_compiled_styles_are_one_matmul_equal_to_each_convs_own():
     """Compiled, the decoder computes every modulated conv's style in one matmul over the concatenated
     modulation weights (Synthesis.styles); eager, each conv computes its own (None)."""

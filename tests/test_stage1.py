@@ -185,6 +185,26 @@ def test_identity_heads_and_grid_cache():
     assert g.shape == (1, 8, 8, 2) and g[0, 0, 0].tolist() == [-1, -1] and g[0, 0, -1].tolist() == [1, -1]
 
 
+@pytest.mark.parametrize("channels,size", [(64, 256), (128, 31), (512, 8), (3, 5)])
+@torch.inference_mode()
+def test_the_skip_blur_computes_only_what_the_strided_1x1_conv_reads(channels, size):
+    """A ResBlock's skip (blur pad 1, 1x1 conv stride 2) blurs only at the pixels the strided conv reads:
+    the strided blur equals every other pixel of the full blur bit for bit (both memory formats), and the
+    layer equals the official order (full blur, then the strided 1x1 conv) to fp32 rounding."""
+    g = torch.Generator().manual_seed(channels + size)
+    layer = s1.ConvLayer(channels, 2 * channels, 1, downsample=True, activate=False)
+    layer[1].weight.copy_(torch.randn(layer[1].weight.shape, generator=g))
+    x = torch.randn(2, channels, size, size + 1, generator=g)
+    kernel = layer[0].kernel.flip((0, 1)).expand(channels, 1, 4, 4)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xf = x.contiguous(memory_format=fmt)
+        full = torch.nn.functional.conv2d(xf, kernel, padding=1, groups=channels)
+        assert torch.equal(layer[0](xf), full[..., ::2, ::2])
+        official = torch.nn.functional.conv2d(full, layer[1].weight * layer[1].scale, stride=2)
+        torch.testing.assert_close(layer(xf), official, rtol=1e-5, atol=1e-5)
+    assert layer[1].stride == 1 and s1.ConvLayer(8, 8, 3, downsample=True)[1].stride == 2
+
+
 # ---------------------------------------------------------------- sub-pixel upsampling (exact rewrite)
 
 # (in channels, out channels, input size) of the six upsampling convs at full size, 8x8 to 256x256
