@@ -207,10 +207,12 @@ class IncrementalHubert:
         conv = model.encoder.pos_conv_embed.conv
         self.pos_kernel = conv.kernel_size[0]
         self.pos_left = self.pos_kernel // 2                 # rows before a row that its position sees
+        self.pos_groups = g = conv.groups
         with torch.no_grad():                                # weight norm, evaluated once
-            self.pos_weight = conv.weight.detach().to(self.dtype, copy=True)
-        self.pos_bias = None if conv.bias is None else conv.bias.detach().to(self.dtype, copy=True)
-        self.pos_groups = conv.groups
+            w = conv.weight.detach().to(self.dtype)          # (H, H / g, K)
+            # (g, H/g * K, H/g): each group's kernel as one matrix over a window's (channel, tap) values
+            self.pos_weight = w.view(g, -1, w.shape[1] * w.shape[2]).transpose(1, 2).contiguous()
+        self.pos_bias = None if conv.bias is None else conv.bias.detach().float()
         self.reset()
 
     def reset(self) -> None:
@@ -255,10 +257,15 @@ class IncrementalHubert:
         seq = torch.cat([past, proj], 1).transpose(1, 2)                # (1, H, P + n)
         # kernel K, even: output t sees inputs [t - K/2, t + K/2 - 1] (HF pads K/2 and drops the last)
         seq = F.pad(seq, (pad_l, self.pos_kernel - 1 - left))
-        w = self.pos_weight
-        out = F.conv1d(seq.to(w.dtype), w, self.pos_bias, groups=self.pos_groups)
-        act = self.model.encoder.pos_conv_embed.activation
-        return act(out.float()).transpose(1, 2)[:, -n:]
+        # The grouped conv as one batched matmul over the n windows it needs: oneDNN's grouped conv1d ran
+        # this 16-group, 128-tap kernel at ~0.07 TFLOP/s (7.6 of a hop's 76 ms with HuBERT-large).
+        w, g = self.pos_weight, self.pos_groups
+        windows = seq.to(w.dtype).unfold(2, self.pos_kernel, 1)                        # (1, H, n, K)
+        windows = windows.reshape(g, -1, n, self.pos_kernel).transpose(1, 2).reshape(g, n, -1)
+        out = torch.bmm(windows, w).transpose(0, 1).reshape(1, n, -1).float()          # (1, n, H)
+        if self.pos_bias is not None:
+            out = out + self.pos_bias
+        return self.model.encoder.pos_conv_embed.activation(out)
 
     def _layer(self, layer, h, cache, dt):
         """One stable-layer-norm encoder layer over the new rows, attending to the cached ones."""

@@ -125,6 +125,27 @@ def test_incremental_hubert_later_blocks_attend_to_the_committed_rows(hubert, fx
         inc.block(x[:3200], commit=11)      # 3200 samples: 9 rows (+ the repeated one)
 
 
+@pytest.mark.parametrize("past,n", [(0, 1), (0, 30), (3, 7), (64, 30)])
+def test_incremental_positions_are_the_grouped_conv(hubert, past, n):
+    """The positional convolution of the new rows, computed as one batched matmul over their windows,
+    equals the official grouped conv1d (its weight norm evaluated) over [cached rows | new rows | zeros]."""
+    inc = IncrementalHubert(hubert.model)
+    conv = hubert.model.encoder.pos_conv_embed.conv
+    g = torch.Generator().manual_seed(past + n)
+    hidden = conv.in_channels
+    proj = torch.randn(1, n, hidden, generator=g)
+    inc._proj = torch.randn(1, past, hidden, generator=g)[:, -inc.pos_left:] if past else None
+    kept = 0 if inc._proj is None else inc._proj.shape[1]
+    seq = torch.cat([inc._proj, proj], 1) if kept else proj
+    seq = torch.nn.functional.pad(seq.transpose(1, 2), (inc.pos_left - kept, inc.pos_kernel - 1 - inc.pos_left))
+    with torch.no_grad():
+        ref = torch.nn.functional.conv1d(seq, conv.weight, conv.bias, groups=conv.groups)
+        ref = hubert.model.encoder.pos_conv_embed.activation(ref).transpose(1, 2)
+    got = inc._positions(proj)
+    assert got.shape == (1, n, hidden)
+    assert_close(got, ref, 1e-5)
+
+
 def test_incremental_hubert_bf16_weights_stay_close(hubert, fx):
     """Linear and conv weights prepared in bf16 once (the fastest mode on CPUs with bf16): the block runs in
     bf16 without casting weights, residual stream and layer norms in float32."""
