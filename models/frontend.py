@@ -279,15 +279,17 @@ class IncrementalHubert:
         h = h + att.out_proj(o.transpose(1, 2).reshape(b, n, d)).float()
         ff = layer.feed_forward
         f = ff.output_dense(ff.intermediate_act_fn(ff.intermediate_dense(layer.final_layer_norm(h).to(dt))))
-        return h + f.float(), k, v
+        return h + f.float(), keys, values
 
     def _commit(self, proj, kv, commit: int) -> None:
+        """kv: per layer the [cached | new] keys and values the block attended to; the cache becomes the
+        last ``context`` rows up to the committed ones (views: no copy)."""
         if commit == 0:
             return
         self._proj = _append(self._proj, proj[:, :commit], self.pos_left)
-        old = self._kv or [(None, None)] * len(kv)
-        self._kv = [(_append(ok, k[:, :, :commit], self.context), _append(ov, v[:, :, :commit], self.context))
-                    for (ok, ov), (k, v) in zip(old, kv)]
+        end = (0 if self._kv is None else self._kv[0][0].shape[2]) + commit
+        start = max(0, end - self.context)
+        self._kv = [(k[:, :, start:end], v[:, :, start:end]) for k, v in kv]
 
 
 def _append(old: torch.Tensor | None, new: torch.Tensor, limit: int) -> torch.Tensor:
