@@ -125,6 +125,18 @@ def test_incremental_hubert_later_blocks_attend_to_the_committed_rows(hubert, fx
         inc.block(x[:3200], commit=11)      # 3200 samples: 9 rows (+ the repeated one)
 
 
+@pytest.mark.parametrize("samples", [400, 3200, 9680])
+def test_incremental_front_end_is_the_models_feature_extractor(hubert, samples):
+    """The conv front end run in channels_last memory (layer norms over contiguous channels) gives the
+    model's own feature_extractor rows."""
+    x = torch.from_numpy(np.random.default_rng(samples).standard_normal((1, samples)).astype(np.float32))
+    with torch.no_grad():
+        ref = hubert.model.feature_extractor(x).transpose(1, 2)
+        got = IncrementalHubert(hubert.model)._front_end(x)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    assert_close(got, ref, 1e-5)
+
+
 @pytest.mark.parametrize("past,n", [(0, 1), (0, 30), (3, 7), (64, 30)])
 def test_incremental_positions_are_the_grouped_conv(hubert, past, n):
     """The positional convolution of the new rows, computed as one batched matmul over their windows,
