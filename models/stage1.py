@@ -213,7 +213,7 @@ class ConvLayer(nn.Sequential):
         # the conv's constants, so oneDNN runs conv + bias + leaky ReLU as one op with no elementwise
         # pass after it (or the fp32 copy autocast makes of it by adding an fp32 bias).
         conv, act = self[-2], self[-1]
-        if len(self) == 3:
+        if isinstance(self[0], Blur):
             x = self[0](x)
         w = _weight(self, "_w", conv.weight, lambda p: p * (conv.scale * SQRT2), x.device)
         b = _weight(self, "_b", act.bias, lambda p: p.reshape(-1) * SQRT2, x.device)
@@ -644,8 +644,9 @@ class Stage1(nn.Module):
         does for a batch of frames), never to a per-frame copy of its kernel, so the kernels stay constants.
         A frozen torch.compile (avatar.pipeline.compile_frozen) can then reorder them once into oneDNN's
         blocked layout and fuse the scalings into the neighbouring elementwise kernels; folded into the
-        kernel at batch 1 (the default, faster uncompiled) they are reordered on every frame. The same sums
-        either way, up to float rounding (tests/test_stage1.py)."""
+        kernel at batch 1 (the default, faster uncompiled) they are reordered on every frame. The encoder's
+        activated ConvLayers likewise fold their bias and gain into the conv (ConvLayer.forward). The same
+        sums either way, up to float rounding (tests/test_stage1.py, tests/test_fast_render.py)."""
         for m in self.modules():
             if isinstance(m, ModulatedConv2d):
                 m.fold_style = not on
